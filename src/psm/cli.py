@@ -1,0 +1,4 @@
+"""The `psm` command line."""
+
+def main(argv=None) -> int:
+    return 0

@@ -1,0 +1,98 @@
+"""CLAP audio and text towers from transformers (``laion/clap-htsat-fused``), built offline when asked.
+
+A tower is built from ``pretrained`` (a local folder, or a hub id when the user is online) or from an
+``hf_config`` mapping with random weights: the tiny configs used by tests and the offline demo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    ClapAudioConfig,
+    ClapAudioModelWithProjection,
+    ClapTextConfig,
+    ClapTextModelWithProjection,
+)
+
+from psm.models.config import ClapTowerConfig
+
+
+def _build(model_cls, config_cls, cfg: ClapTowerConfig, projection_dim: int) -> nn.Module:
+    if cfg.pretrained:
+        model = model_cls.from_pretrained(cfg.pretrained)
+    else:
+        hf: dict[str, Any] = {"projection_dim": projection_dim, **cfg.hf_config}
+        model = model_cls(config_cls(**hf))
+    if model.config.projection_dim != projection_dim:
+        raise ValueError(
+            f"CLAP projection_dim {model.config.projection_dim} != model embed_dim {projection_dim}"
+        )
+    if cfg.freeze:
+        model.requires_grad_(False)
+    return model
+
+
+class AudioTower(nn.Module):
+    """CLAP HTSAT audio encoder + CLAP projection → (B, embed_dim), not normalised (as HF returns it)."""
+
+    def __init__(self, cfg: ClapTowerConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.clap = _build(ClapAudioModelWithProjection, ClapAudioConfig, cfg, embed_dim)
+        self.frozen = cfg.freeze
+        self.fusion = bool(self.clap.config.enable_fusion)
+
+    def train(self, mode: bool = True) -> AudioTower:
+        super().train(mode)
+        if self.frozen:  # the official freeze also puts the frozen tower in eval mode
+            self.clap.eval()
+        return self
+
+    def forward(self, input_features: Tensor, is_longer: Tensor) -> Tensor:
+        channels = 4 if self.fusion else 1
+        if input_features.ndim != 4 or input_features.shape[1] != channels:
+            raise ValueError(
+                f"audio input_features must have shape (B, {channels}, frames, mel_bins), "
+                f"got {tuple(input_features.shape)}"
+            )
+        if is_longer.numel() != input_features.shape[0]:
+            raise ValueError(
+                f"is_longer must give one flag per clip ({input_features.shape[0]}), got {tuple(is_longer.shape)}"
+            )
+        # is_longer is always passed per sample: HF's feature extractor would otherwise flip a random clip
+        # to "longer" when none is, and the official training forced it to True for every clip.
+        out = self.clap(input_features=input_features, is_longer=is_longer.reshape(-1, 1).bool())
+        return out.audio_embeds
+
+
+class TextTower(nn.Module):
+    """CLAP RoBERTa text encoder + CLAP projection → (B, embed_dim), not normalised."""
+
+    def __init__(self, cfg: ClapTowerConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.clap = _build(ClapTextModelWithProjection, ClapTextConfig, cfg, embed_dim)
+        self.frozen = cfg.freeze
+
+    def train(self, mode: bool = True) -> TextTower:
+        super().train(mode)
+        if self.frozen:
+            self.clap.eval()
+        return self
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                "text input_ids and attention_mask must both have shape (B, L), got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
+        vocab = self.clap.config.vocab_size
+        if input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+            raise ValueError(f"text input_ids out of the vocabulary range [0, {vocab})")
+        return self.clap(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+
+
+def is_longer_dtype() -> torch.dtype:
+    """The dtype the towers expect for ``is_longer`` flags."""
+    return torch.bool
