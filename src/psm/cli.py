@@ -1,4 +1,114 @@
-"""The `psm` command line."""
+"""The ``psm`` command line. Each sub-command imports what it needs when it runs (fast ``--help``)."""
 
-def main(argv=None) -> int:
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from psm.models.config import list_model_configs, load_model_config
+
+    for name in list_model_configs():
+        cfg = load_model_config(name)
+        kind = "PCME++ (Gaussian)" if cfg.probabilistic else "InfoNCE (deterministic)"
+        meta = ", ".join(cfg.metadata.types) or "no metadata"
+        print(f"{name:22s} embed {cfg.embed_dim:4d}  ViT {cfg.image.width}x{cfg.image.depth}  {kind}; {meta}")
     return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from psm.models.convert import ConversionError, convert_official_checkpoint
+
+    try:
+        report = convert_official_checkpoint(
+            args.checkpoint,
+            args.out_dir,
+            base_config=args.base_config,
+            allow_partial=args.allow_partial,
+            overwrite=args.overwrite,
+        )
+    except (ConversionError, FileNotFoundError, FileExistsError) as e:
+        print(f"psm convert-checkpoint: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def _cmd_data_split(args: argparse.Namespace) -> int:
+    from psm.data.split import format_summary, write_split
+
+    kwargs = {"cell": args.cell, "seed": args.seed, "on_error": args.on_error}
+    if args.holdout_fraction is not None:
+        kwargs["holdout_fraction"] = args.holdout_fraction
+    if args.val_size is not None:
+        kwargs["val_size"] = args.val_size
+    if args.test_size is not None:
+        kwargs["test_size"] = args.test_size
+    try:
+        summary = write_split(args.manifest, args.out or args.manifest, **kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"psm data split: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from psm.demo import run_demo
+
+    return run_demo(seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``psm``."""
+    parser = argparse.ArgumentParser(prog="psm", description="Probabilistic soundscape mapping (PSM) toolkit.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="run the main job end to end on the embedded offline default")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("models", help="list the shipped model architectures")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser(
+        "convert-checkpoint",
+        help="convert an official PSM Lightning checkpoint to psm's safetensors + YAML format",
+    )
+    p.add_argument("checkpoint", help="the official .ckpt file")
+    p.add_argument("out_dir", help="folder to write (model.safetensors + config.yaml)")
+    p.add_argument("--base-config", default="psm-paper", help="architecture the official run used")
+    p.add_argument("--allow-partial", action="store_true", help="write even if some keys cannot be mapped")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_convert)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("split", help="the paper's geographic train/val/test split of a manifest")
+    p.add_argument("manifest")
+    p.add_argument("--out", help="output table (default: rewrite the manifest)")
+    p.add_argument("--cell", default="1deg", help="'1deg' (GeoSound) or a metric size such as '10km'")
+    p.add_argument("--holdout-fraction", type=float)
+    p.add_argument("--val-size", type=int)
+    p.add_argument("--test-size", type=int)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    p.set_defaults(func=_cmd_data_split)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``psm`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,6 +10,7 @@ transform draws from an optional ``torch.Generator`` so a seeded pipeline is rep
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
+from rasterio.io import DatasetReader
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform as warp_transform
 from rasterio.warp import transform_bounds
@@ -48,6 +50,8 @@ RRC_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 
 ImageLike = np.ndarray | Image.Image | Tensor
 PathLike = str | os.PathLike[str]
+# A raster path (file, VRT, /vsicurl/ URL of a COG) or a dataset the caller keeps open.
+RasterLike = str | os.PathLike[str] | DatasetReader
 
 
 class ImageryError(ValueError):
@@ -76,7 +80,9 @@ def to_float_tensor(image: ImageLike, name: str | os.PathLike[str] | None = None
             image = image[:, :, None]
         if image.ndim != 3:
             raise ImageryError(f"{_label(name)}must be HW or HWC, got shape {image.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        # torch cannot wrap read-only arrays (e.g. np.asarray of a PIL image) without copying.
+        image = np.ascontiguousarray(image) if image.flags.writeable else image.copy()
+        tensor = torch.from_numpy(image).permute(2, 0, 1)
     elif isinstance(image, Tensor):
         tensor = image[None] if image.ndim == 2 else image
         if tensor.ndim != 3:
@@ -333,7 +339,7 @@ def load_image(path: PathLike) -> np.ndarray:
     try:
         with Image.open(path) as img:
             # convert() forces the full decode, so truncated files fail here and not later in a worker.
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageryError(f"cannot read image file {path}: {exc}") from exc
 
@@ -343,7 +349,7 @@ def load_image(path: PathLike) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _open_raster(path: PathLike) -> rasterio.DatasetReader:
+def _open_raster(path: PathLike) -> DatasetReader:
     try:
         return rasterio.open(path)
     except RasterioError as exc:
@@ -351,27 +357,31 @@ def _open_raster(path: PathLike) -> rasterio.DatasetReader:
 
 
 def _check_bands_and_dtype(
-    src: rasterio.DatasetReader, path: PathLike, bands: Sequence[int], scale: tuple[float, float] | None
+    src: DatasetReader, name: str, bands: Sequence[int], scale: tuple[float, float] | None
 ) -> None:
     if not bands:
-        raise ImageryError(f"{os.fspath(path)}: no bands requested")
+        raise ImageryError(f"{name}: no bands requested")
     bad = [b for b in bands if not 1 <= b <= src.count]
     if bad:
         raise ImageryError(
-            f"{os.fspath(path)} has {src.count} band(s); bands {bad} do not exist (bands are 1-based; "
+            f"{name} has {src.count} band(s); bands {bad} do not exist (bands are 1-based; "
             f"pass e.g. bands=(1,) for a single-band raster)"
         )
     dtypes = {src.dtypes[b - 1] for b in bands}
     if scale is None and dtypes != {"uint8"}:
         raise ImageryError(
-            f"{os.fspath(path)} has dtype {'/'.join(sorted(dtypes))}; pass scale=(lo, hi) to map values "
+            f"{name} has dtype {'/'.join(sorted(dtypes))}; pass scale=(lo, hi) to map values "
             f"linearly to 0–255 (e.g. scale=(0, 3000) for Sentinel-2 L1C/L2A reflectance × 10000)"
         )
     if scale is not None and not scale[1] > scale[0]:
         raise ImageryError(f"scale must be (lo, hi) with hi > lo, got {scale!r}")
 
 
-def _native_gsd_m(src: rasterio.DatasetReader) -> float | None:
+def _raster_name(path: RasterLike) -> str:
+    return str(path.name) if isinstance(path, DatasetReader) else os.fspath(path)
+
+
+def _native_gsd_m(src: DatasetReader) -> float | None:
     """Pixel size in metres of a projected raster (mean of x and y), None for a geographic one."""
     if src.crs.is_geographic:
         return None
@@ -396,8 +406,8 @@ def _to_uint8_hwc(data: np.ndarray, scale: tuple[float, float] | None) -> np.nda
 
 
 def _read_native(
-    src: rasterio.DatasetReader,
-    path: PathLike,
+    src: DatasetReader,
+    name: str,
     x: float,
     y: float,
     size_px: int,
@@ -405,7 +415,7 @@ def _read_native(
     boundless: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read ``size_px`` raster pixels around (x, y) with no resampling; the point's pixel lands at size//2."""
-    col_f, row_f = ~src.transform * (x, y)
+    col_f, row_f = ~src.transform @ (x, y)
     col0 = math.floor(col_f) - size_px // 2
     row0 = math.floor(row_f) - size_px // 2
     col1, row1 = col0 + size_px, row0 + size_px
@@ -414,7 +424,7 @@ def _read_native(
         return src.read(bands, window=Window(col0, row0, size_px, size_px)), None
     if not inside and not boundless:
         raise ImageryError(
-            f"{os.fspath(path)}: a {size_px}×{size_px} px window at rows {row0}:{row1}, cols {col0}:{col1} "
+            f"{name}: a {size_px}×{size_px} px window at rows {row0}:{row1}, cols {col0}:{col1} "
             f"is partly outside the raster ({src.height} rows × {src.width} cols); "
             f"pass boundless=True to fill the outside with 0"
         )
@@ -432,8 +442,8 @@ def _read_native(
 
 
 def _read_resampled(
-    src: rasterio.DatasetReader,
-    path: PathLike,
+    src: DatasetReader,
+    name: str,
     lat: float,
     lon: float,
     x: float,
@@ -456,7 +466,7 @@ def _read_resampled(
 
     # Is the footprint inside the raster? Check in source pixel space so rotated grids work too.
     left, bottom, right, top = transform_bounds(dst_crs, src.crs, cx - half, cy - half, cx + half, cy + half)
-    corners_px = [~src.transform * (cx_, cy_) for cx_ in (left, right) for cy_ in (bottom, top)]
+    corners_px = [~src.transform @ (cx_, cy_) for cx_ in (left, right) for cy_ in (bottom, top)]
     cols, rows = zip(*corners_px, strict=True)
     tol = 1e-3  # source pixels; absorbs round-off of an exactly fitting footprint
     inside = (
@@ -467,7 +477,7 @@ def _read_resampled(
     )
     if not inside and not boundless:
         raise ImageryError(
-            f"{os.fspath(path)}: the {size_px * gsd_m:g} m ground square ({size_px} px at {gsd_m:g} m) "
+            f"{name}: the {size_px * gsd_m:g} m ground square ({size_px} px at {gsd_m:g} m) "
             f"around lat={lat}, lon={lon} is partly outside the raster (source rows "
             f"{min(rows):.1f}..{max(rows):.1f}, cols {min(cols):.1f}..{max(cols):.1f} of "
             f"{src.height}×{src.width}); "
@@ -498,7 +508,7 @@ def _read_resampled(
 
 @overload
 def read_raster_window(
-    path: PathLike,
+    path: RasterLike,
     lat: float,
     lon: float,
     size_px: int,
@@ -513,7 +523,7 @@ def read_raster_window(
 
 @overload
 def read_raster_window(
-    path: PathLike,
+    path: RasterLike,
     lat: float,
     lon: float,
     size_px: int,
@@ -527,7 +537,7 @@ def read_raster_window(
 
 
 def read_raster_window(
-    path: PathLike,
+    path: RasterLike,
     lat: float,
     lon: float,
     size_px: int,
@@ -540,7 +550,8 @@ def read_raster_window(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Read a square ``size_px`` window centred on (lat, lon) from a GeoTIFF/COG/VRT/JP2 as HWC uint8.
 
-    Only the window is read, never the whole raster. Geometry:
+    ``path`` is a file or GDAL path (e.g. ``/vsicurl/`` COG) or an open rasterio dataset, which is left
+    open. Only the window is read, never the whole raster. Geometry:
 
     * ``gsd_m=None`` (or equal to the raster's pixel size): raster pixels as they are; the pixel
       containing the point is at ``[size_px // 2, size_px // 2]``.
@@ -559,25 +570,28 @@ def read_raster_window(
     if gsd_m is not None and not gsd_m > 0:
         raise ImageryError(f"gsd_m must be positive, got {gsd_m!r}")
     bands = [int(b) for b in bands]
-    with _open_raster(path) as src:
-        _check_bands_and_dtype(src, path, bands, scale)
+    name = _raster_name(path)
+    # An already open dataset stays open: a map grid reads many windows from one raster.
+    context = contextlib.nullcontext(path) if isinstance(path, DatasetReader) else _open_raster(path)
+    with context as src:
+        _check_bands_and_dtype(src, name, bands, scale)
         if src.crs is None:
-            raise ImageryError(f"{os.fspath(path)} has no CRS; cannot place lat/lon in it")
+            raise ImageryError(f"{name} has no CRS; cannot place lat/lon in it")
         xs, ys = warp_transform("EPSG:4326", src.crs, [lon], [lat])
         x, y = xs[0], ys[0]
-        col_f, row_f = ~src.transform * (x, y)
+        col_f, row_f = ~src.transform @ (x, y)
         if not (0 <= col_f < src.width and 0 <= row_f < src.height and math.isfinite(x) and math.isfinite(y)):
             west, south, east, north = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
             raise ImageryError(
-                f"{os.fspath(path)}: point lat={lat}, lon={lon} is outside the raster "
+                f"{name}: point lat={lat}, lon={lon} is outside the raster "
                 f"(covers lat {south:.5f}..{north:.5f}, lon {west:.5f}..{east:.5f})"
             )
         native = _native_gsd_m(src)
         if gsd_m is None or (native is not None and math.isclose(gsd_m, native, rel_tol=1e-6)):
-            data, valid = _read_native(src, path, x, y, size_px, bands, boundless)
+            data, valid = _read_native(src, name, x, y, size_px, bands, boundless)
         else:
             data, valid = _read_resampled(
-                src, path, lat, lon, x, y, size_px, gsd_m, bands, boundless, resampling
+                src, name, lat, lon, x, y, size_px, gsd_m, bands, boundless, resampling
             )
     image = _to_uint8_hwc(data, scale)
     if valid is None:
@@ -588,7 +602,7 @@ def read_raster_window(
 
 @overload
 def read_tile_for_zoom(
-    path: PathLike,
+    path: RasterLike,
     lat: float,
     lon: float,
     source: ImagerySource | str,
@@ -602,7 +616,7 @@ def read_tile_for_zoom(
 
 @overload
 def read_tile_for_zoom(
-    path: PathLike,
+    path: RasterLike,
     lat: float,
     lon: float,
     source: ImagerySource | str,
@@ -615,7 +629,7 @@ def read_tile_for_zoom(
 
 
 def read_tile_for_zoom(
-    path: PathLike,
+    path: RasterLike,
     lat: float,
     lon: float,
     source: ImagerySource | str,
@@ -638,6 +652,6 @@ def read_tile_for_zoom(
         raw, valid = read_raster_window(
             path, lat, lon, size, src.base_gsd_m, bands, boundless=True, scale=scale
         )
-        return zoom_crop(raw, zoom, src.tile_size, name=path), valid
+        return zoom_crop(raw, zoom, src.tile_size, name=_raster_name(path)), valid
     raw = read_raster_window(path, lat, lon, size, src.base_gsd_m, bands, scale=scale)
-    return zoom_crop(raw, zoom, src.tile_size, name=path)
+    return zoom_crop(raw, zoom, src.tile_size, name=_raster_name(path))

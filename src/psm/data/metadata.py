@@ -47,9 +47,7 @@ def check_metadata_names(names: Iterable[str], allowed: Sequence[str] = METADATA
     for name in names:
         canonical = OFFICIAL_METADATA_NAMES.get(name, name)
         if canonical not in allowed:
-            raise MetadataError(
-                f"unknown metadata type {name!r}; this model knows: {', '.join(allowed) or '(none)'}"
-            )
+            raise MetadataError(f"unknown metadata type {name!r}; this model knows: {', '.join(allowed) or '(none)'}")
         out.append(canonical)
     return tuple(out)
 
@@ -189,9 +187,7 @@ class MetadataSpec:
             ok = ~(lat.isnan() | lon.isnan())
             _check_range("latitude", lat, -90, 90, ok)
             _check_range("longitude", lon, -180, 180, ok)
-            values["location"] = torch.where(
-                ok[:, None], self.encode_location(lat.nan_to_num(), lon.nan_to_num()), 0.0
-            )
+            values["location"] = torch.where(ok[:, None], self.encode_location(lat.nan_to_num(), lon.nan_to_num()), 0.0)
             valid["location"] = ok
         for name, lo, hi, enc in (("month", 1, 12, self.encode_month), ("hour", 0, 23, self.encode_hour)):
             v = raw[name]
@@ -272,9 +268,7 @@ class Metadata:
 
     def select(self, index: Tensor | slice) -> Metadata:
         """Rows ``index`` of every field."""
-        return Metadata(
-            {k: v[index] for k, v in self.values.items()}, {k: v[index] for k, v in self.valid.items()}
-        )
+        return Metadata({k: v[index] for k, v in self.values.items()}, {k: v[index] for k, v in self.valid.items()})
 
     @staticmethod
     def concat(parts: Sequence[Metadata]) -> Metadata:

@@ -102,7 +102,7 @@ def load_checkpoint(
         cfg.text.pretrained = None
     model = PSM(cfg)
     tensors = load_file(str(weights), device=str(device))
-    extra = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+    extra = {k[len(EXTRA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
     check_state_dict(model, state, source=str(weights), strict=strict)
     model.load_state_dict(state, strict=strict)

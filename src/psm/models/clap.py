@@ -27,9 +27,7 @@ def _build(model_cls, config_cls, cfg: ClapTowerConfig, projection_dim: int) -> 
         hf: dict[str, Any] = {"projection_dim": projection_dim, **cfg.hf_config}
         model = model_cls(config_cls(**hf))
     if model.config.projection_dim != projection_dim:
-        raise ValueError(
-            f"CLAP projection_dim {model.config.projection_dim} != model embed_dim {projection_dim}"
-        )
+        raise ValueError(f"CLAP projection_dim {model.config.projection_dim} != model embed_dim {projection_dim}")
     if cfg.freeze:
         model.requires_grad_(False)
     return model

@@ -1,0 +1,195 @@
+"""The PSM model: GSD embedding, towers, metadata fusion and masking by name, bad-input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_batch
+from psm.data.metadata import MetadataError
+from psm.models.factory import create_model
+from psm.models.fusion import exact_count_dropout
+from psm.models.gsd_pos_embed import gsd_pos_embed
+
+
+def _official_style_gsd_embed(res: float, grid: int, dim: int) -> np.ndarray:
+    """Independent NumPy reading of Scale-MAE's formula: meshgrid(w, h) ("xy"), then [emb(w), emb(h)]."""
+    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="xy")
+
+    def emb1d(pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+        out = np.outer(pos.reshape(-1) * res, omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([emb1d(gw), emb1d(gh)], axis=1)
+
+
+@pytest.mark.parametrize("res", [10.0, 30.0, 0.6, 3.0])
+def test_gsd_embedding_formula(res):
+    ours = gsd_pos_embed(torch.tensor([res]), grid_size=14, dim=768)[0].double().numpy()
+    assert ours.shape == (196, 768)
+    np.testing.assert_allclose(ours, _official_style_gsd_embed(res, 14, 768), atol=2e-4)
+
+
+def test_gsd_embedding_is_per_sample_and_scales_with_resolution():
+    pe = gsd_pos_embed(torch.tensor([10.0, 20.0]), grid_size=4, dim=16)
+    # token (row 0, col 2) at res 10 sees position 20, like token (row 0, col 1) at res 20
+    assert torch.allclose(pe[0, 2], pe[1, 1], atol=1e-6)
+    # first half encodes the column: tokens in one column share it, across rows
+    assert torch.allclose(pe[0, 1, :8], pe[0, 5, :8]) and not torch.allclose(pe[0, 1, 8:], pe[0, 5, 8:])
+
+
+def test_tiny_model_embeds_all_modalities_with_mixed_zooms(tiny_model):
+    tiny_model.eval()
+    with torch.no_grad():
+        out = tiny_model(**tiny_batch(tiny_model))
+    for name in ("image", "audio", "text"):
+        emb = out[name]
+        assert emb.mean.shape == emb.logvar.shape == (4, 32)
+        assert torch.allclose(emb.mean.norm(dim=-1), torch.ones(4), atol=1e-5)
+        assert torch.allclose(emb.mean, emb.unnormalized_mean / emb.unnormalized_mean.norm(dim=-1, keepdim=True))
+        # σ-head biases at −4 give log σ² ≈ −4 at init
+        assert abs(emb.logvar.mean().item() + 4) < 0.5
+
+
+@pytest.mark.slow
+def test_paper_size_model_forward_on_cpu():
+    model = create_model("psm-paper", seed=0).eval()
+    assert model.image.encoder.backbone.embed_dim == 768
+    assert len(model.image.encoder.backbone.blocks) == 12
+    md = model.config.metadata.encode(
+        latitude=[40.0, -33.9, 51.5],
+        longitude=[-74.0, 151.2, -0.1],
+        month=[5, 1, 12],
+        hour=[8, 20, 0],
+        audio_source=["iNat", "yfcc", "aporee"],
+        caption_source=["meta", "qwen", "pengi"],
+    )
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = model(
+            torch.randn(3, 3, 224, 224, generator=g),
+            torch.tensor([1, 3, 5]),
+            torch.randn(3, 4, 1001, 64, generator=g),
+            torch.tensor([True, False, True]),
+            torch.randint(0, 50265, (3, 16), generator=g),
+            torch.ones(3, 16, dtype=torch.long),
+            metadata=md,
+        )
+    for name in ("image", "audio", "text"):
+        assert out[name].mean.shape == (3, 512) and out[name].logvar.shape == (3, 512)
+        assert torch.isfinite(out[name].logvar).all()
+
+
+def test_zoom_changes_the_image_embedding_through_gsd(tiny_model):
+    tiny_model.eval()
+    img = torch.randn(1, 3, 64, 64).repeat(3, 1, 1, 1)
+    with torch.no_grad():
+        feats = tiny_model.image_features(img, torch.tensor([1, 3, 5]))
+    assert not torch.allclose(feats[0], feats[1]) and not torch.allclose(feats[1], feats[2])
+
+
+def test_metadata_masked_by_name_ignores_the_masked_values(tiny_model):
+    tiny_model.eval()
+    batch = tiny_batch(tiny_model)
+    spec = tiny_model.config.metadata
+    feats = tiny_model.image_features(batch["images"], batch["zoom"]).detach()
+    other = spec.encode(
+        latitude=[1.0, 2.0, 3.0, 4.0],
+        longitude=[5.0, 6.0, 7.0, 8.0],
+        month=batch_month(batch, spec),
+        hour=[5.0, 6.0, 7.0, 8.0],
+        audio_source=["freesound"] * 4,
+        caption_source=["pengi"] * 4,
+    )
+    with torch.no_grad():
+        a = tiny_model.embed_image_features(feats, batch["metadata"], keep_metadata=["month"])
+        b = tiny_model.embed_image_features(feats, other, keep_metadata=["month"])
+        c = tiny_model.embed_image_features(feats, other, keep_metadata=["month", "hour"])
+        none = tiny_model.embed_image_features(feats, batch["metadata"], keep_metadata=[])
+        nothing_given = tiny_model.embed_image_features(feats, None)
+    assert torch.allclose(a.mean, b.mean, atol=1e-6)  # only the (equal) month is used
+    assert not torch.allclose(b.mean, c.mean)  # the hour now counts
+    assert torch.allclose(none.mean, nothing_given.mean, atol=1e-6)
+
+
+def batch_month(batch, spec):
+    # recover the months of the batch from their encoding: the angle of (sin, cos) × 12 / 2π
+    enc = batch["metadata"].values["month"].double()
+    months = torch.remainder(torch.atan2(enc[:, 0], enc[:, 1]) * 12 / (2 * np.pi), 12)
+    months[months < 0.5] = 12
+    return months.round().tolist()
+
+
+def test_masking_by_name_works_for_models_trained_with_a_subset():
+    # The official ablation mask used fixed columns {asource:0, ..., time:4}; with only
+    # (location, month, hour) configured, "keep hour" must still mean the hour token.
+    model = create_model("psm-tiny", overrides={"metadata": {"types": ["location", "month", "hour"]}}, seed=0).eval()
+    spec = model.config.metadata
+    feats = torch.randn(2, 32)
+    base = spec.encode(latitude=[10.0, 20.0], longitude=[0.0, 0.0], month=[1, 2], hour=[3, 4])
+    moved = spec.encode(latitude=[-60.0, 70.0], longitude=[100.0, -100.0], month=[7, 9], hour=[3, 4])
+    new_hour = spec.encode(latitude=[10.0, 20.0], longitude=[0.0, 0.0], month=[1, 2], hour=[15, 16])
+    with torch.no_grad():
+        ref = model.embed_image_features(feats, base, keep_metadata=["hour"]).mean
+        assert torch.allclose(ref, model.embed_image_features(feats, moved, keep_metadata=["hour"]).mean, atol=1e-6)
+        assert not torch.allclose(ref, model.embed_image_features(feats, new_hour, keep_metadata=["hour"]).mean)
+
+
+def test_unknown_or_unconfigured_metadata_names_raise(tiny_model):
+    feats = torch.randn(2, 32)
+    with pytest.raises(MetadataError, match="unknown metadata type 'weather'"):
+        tiny_model.embed_image_features(feats, None, keep_metadata=["weather"])
+    subset = create_model("psm-tiny", overrides={"metadata": {"types": ["month"]}}, seed=0)
+    with pytest.raises(MetadataError, match="unknown metadata type 'hour'"):
+        subset.embed_image_features(feats, None, keep_metadata=["hour"])
+
+
+def test_exact_count_metadata_dropout():
+    valid = torch.ones(10, dtype=torch.bool)
+    out = exact_count_dropout(valid, 0.5, torch.Generator().manual_seed(0))
+    assert int((~out).sum()) == 5
+    partly = torch.tensor([False, False, False] + [True] * 7)
+    out = exact_count_dropout(partly, 0.5, torch.Generator().manual_seed(0))
+    assert int((~out).sum()) == 5 and not out[:3].any()  # already-invalid rows count toward the quota
+    mostly = torch.tensor([False] * 6 + [True] * 4)
+    assert torch.equal(exact_count_dropout(mostly, 0.5), mostly)
+    again = exact_count_dropout(valid, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(again, exact_count_dropout(valid, 0.5, torch.Generator().manual_seed(0)))
+
+
+def test_metadata_dropout_only_in_training(tiny_model):
+    batch = tiny_batch(tiny_model, batch_size=8, zooms=(1,))
+    feats = torch.randn(8, 32)
+    tiny_model.eval()
+    with torch.no_grad():
+        e1 = tiny_model.embed_image_features(feats, batch["metadata"]).mean
+        e2 = tiny_model.embed_image_features(feats, batch["metadata"]).mean
+    assert torch.equal(e1, e2)
+    tiny_model.train()
+    tiny_model.image.fusion.transformer.eval()  # isolate metadata dropout from nn.Dropout
+    with torch.no_grad():
+        t1 = tiny_model.embed_image_features(feats, batch["metadata"], generator=torch.Generator().manual_seed(1)).mean
+        t2 = tiny_model.embed_image_features(feats, batch["metadata"], generator=torch.Generator().manual_seed(1)).mean
+    assert torch.equal(t1, t2) and not torch.allclose(t1, e1)
+
+
+def test_bad_inputs_give_clear_errors(tiny_model):
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 64, 64\)"):
+        tiny_model.image_features(torch.randn(2, 3, 32, 32), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"zoom level\(s\) \[2.0\] not in this model's config \[1, 3, 5\]"):
+        tiny_model.image_features(torch.randn(2, 3, 64, 64), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="audio input_features must have shape"):
+        tiny_model.encode_audio(torch.randn(2, 1001, 64), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="out of the vocabulary range"):
+        tiny_model.encode_text(torch.full((1, 4), 10_000), torch.ones(1, 4, dtype=torch.long))
+
+
+def test_deterministic_baseline_has_no_sigma():
+    model = create_model("psm-tiny", overrides={"probabilistic": False}, seed=0).eval()
+    with torch.no_grad():
+        out = model(**tiny_batch(model))
+    assert all(out[k].logvar is None for k in out)
+    assert torch.allclose(out["image"].mean.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert not any("logvar_head" in k for k in model.state_dict())
