@@ -57,6 +57,26 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_validate(args: argparse.Namespace) -> int:
+    from psm.data.manifest import ManifestError, validate_manifest
+    from psm.data.metadata import MetadataSpec
+
+    spec = MetadataSpec()
+    if args.model:
+        from psm.models.config import load_model_config
+
+        spec = load_model_config(args.model).metadata
+    try:
+        report = validate_manifest(args.manifest, spec=spec, decode=not args.no_decode)
+    except ManifestError as e:
+        print(f"psm data validate: {e}", file=sys.stderr)
+        return 2
+    print(report.format())
+    if report.ok:
+        return 0
+    return 1 if args.on_error == "raise" else 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from psm.demo import run_demo
 
@@ -88,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("validate", help="check a manifest: schema, value ranges, every file exists and decodes")
+    p.add_argument("manifest")
+    p.add_argument("--model", help="architecture or YAML whose metadata vocabularies to check against")
+    p.add_argument("--no-decode", action="store_true", help="only check that files exist (faster)")
+    p.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="raise (default): exit 1 when any row is bad; skip: report and exit 0",
+    )
+    p.set_defaults(func=_cmd_data_validate)
+
     p = data.add_parser("split", help="the paper's geographic train/val/test split of a manifest")
     p.add_argument("manifest")
     p.add_argument("--out", help="output table (default: rewrite the manifest)")

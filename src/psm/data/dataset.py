@@ -1,0 +1,160 @@
+"""Training straight from a manifest: a map-style Dataset of :class:`Sample` (good up to ~100k samples).
+
+Randomness (zoom, crop, flip) comes from a generator seeded by (seed, epoch, index), so a sample looks the
+same whichever worker loads it and a resumed run sees the same data. Bad rows and files follow the
+``on_error`` policy: ``raise``, or ``skip`` — reported with file, row and reason and counted, never silent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from psm.data.batch import Batch, Sample, collate_samples
+from psm.data.errors import DataError, DataProblem, OnError, SkipLog, check_on_error
+from psm.data.imagery_sources import get_imagery_source
+from psm.data.manifest import RASTER_SUFFIXES, ManifestRow, iter_rows, read_manifest
+from psm.data.metadata import MetadataSpec
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator private to one (seed, epoch, sample): reproducible across workers, ranks and resumes."""
+    # Large odd multipliers keep nearby (epoch, index) pairs from sharing a seed.
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 998_244_353 + index * 2_654_435_761) % 2**63)
+
+
+class ManifestDataset(Dataset):
+    """Samples of one split of a manifest, with images of one imagery source and 48 kHz waveforms."""
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        *,
+        imagery_source: str,
+        train: bool,
+        zoom: int | None = None,
+        split: str | None = None,
+        spec: MetadataSpec | None = None,
+        seed: int = 0,
+        input_size: int = 224,
+        on_error: OnError = "skip",
+        skip_log: SkipLog | None = None,
+        time_missing_means_midnight: bool = True,
+    ) -> None:
+        self.path = Path(manifest)
+        self.source = get_imagery_source(imagery_source)
+        self.train = train
+        if zoom is None and not train and len(self.source.zoom_levels) > 1:
+            raise ValueError(f"evaluation needs a fixed zoom, one of {self.source.zoom_levels}")
+        self.zoom = zoom
+        self.seed = seed
+        self.epoch = 0
+        self.input_size = input_size
+        self.on_error = check_on_error(on_error)
+        self.skip_log = skip_log if skip_log is not None else SkipLog()
+        spec = spec or MetadataSpec()
+        df = read_manifest(self.path)
+        self.rows: list[ManifestRow] = []
+        for row, problems in iter_rows(df, self.path, spec, time_missing_means_midnight):
+            errors = [p for p in problems if p.severity == "error"]
+            if row is None or errors:
+                self._problem(errors[0] if errors else DataProblem("invalid row", file=str(self.path)))
+                continue
+            if split is not None and row.split != split:
+                continue
+            if self.source.name not in row.images:
+                self._problem(
+                    DataProblem(
+                        f"no {self.source.name} image",
+                        file=str(self.path),
+                        row=row.row,
+                        key=row.key,
+                        column=f"image_{self.source.name}",
+                    )
+                )
+                continue
+            self.rows.append(row)
+
+    def _problem(self, problem: DataProblem) -> None:
+        if self.on_error == "raise":
+            raise DataError(problem)
+        self.skip_log.record(problem)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the random draws (zoom, crop, flip) for a new epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, index: int) -> Sample:
+        """Load sample ``index``; raises on bad files (see :meth:`__getitem__` for the policy)."""
+        from psm.data.audio import load_audio
+        from psm.data.imagery import ImageryError, load_image, prepare_image, read_raster_window
+
+        row = self.rows[index]
+        g = sample_generator(self.seed, self.epoch, index)
+        zoom = self.zoom
+        if zoom is None:
+            levels = self.source.zoom_levels
+            zoom = int(levels[int(torch.randint(len(levels), (1,), generator=g))])
+        path = row.images[self.source.name]
+        if path.suffix.lower() in RASTER_SUFFIXES:
+            raw = read_raster_window(
+                path,
+                row.metadata["latitude"],
+                row.metadata["longitude"],
+                size_px=zoom * self.source.tile_size,
+                gsd_m=self.source.base_gsd_m,
+            )
+        else:
+            raw = load_image(path)
+            # Reject tiles too small for the largest zoom whatever zoom this draw picked: a sample must not
+            # be usable in one epoch and fail in the next.
+            need = max(self.source.zoom_levels) * self.source.tile_size
+            if min(raw.shape[:2]) < need:
+                raise ImageryError(
+                    f"{path}: image is {raw.shape[1]}×{raw.shape[0]} px but zoom "
+                    f"{max(self.source.zoom_levels)} needs {need}×{need} px"
+                )
+        image = prepare_image(raw, self.source, zoom, self.train, g, input_size=self.input_size, name=path)
+        waveform = torch.from_numpy(load_audio(row.audio_path))
+        return Sample(
+            key=row.key,
+            image=image,
+            zoom=zoom,
+            metadata=dict(row.metadata),
+            caption=row.caption,
+            waveform=waveform,
+        )
+
+    def __getitem__(self, index: int) -> Sample | None:
+        """The sample, or None when it is bad and the policy is ``skip`` (the problem is logged)."""
+        from psm.data.audio import AudioDecodeError
+        from psm.data.imagery import ImageryError
+
+        try:
+            return self.load(index)
+        except (AudioDecodeError, ImageryError, OSError) as e:
+            row = self.rows[index]
+            problem = DataProblem(str(e), file=str(self.path), row=row.row, key=row.key)
+            if self.on_error == "raise":
+                raise DataError(problem) from e
+            self.skip_log.record(problem)
+            return None
+
+
+def make_collate(
+    spec: MetadataSpec, tokenizer: Any | None = None, pad_to: str = "longest"
+) -> Callable[[Sequence[Sample | None]], Batch | None]:
+    """A DataLoader ``collate_fn`` that drops skipped (None) samples and builds a :class:`Batch`."""
+
+    def collate(samples: Sequence[Sample | None]) -> Batch | None:
+        kept = [s for s in samples if s is not None]
+        return collate_samples(kept, spec, tokenizer, pad_to=pad_to) if kept else None
+
+    return collate

@@ -1,0 +1,58 @@
+"""Recording dates as free text → month and hour with validity flags (the paper's time metadata)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from dateutil import parser as date_parser
+
+
+@dataclass(frozen=True)
+class ParsedDate:
+    """Month (1–12) and hour (0–23) of a recording, each with a flag saying whether it is known."""
+
+    month: int | None
+    hour: int | None
+
+    @property
+    def month_valid(self) -> bool:
+        return self.month is not None
+
+    @property
+    def hour_valid(self) -> bool:
+        return self.hour is not None
+
+
+def clean_date_text(text: str) -> str:
+    """Official clean-up before parsing: lower-case, cut just after the first "am"/"pm", or before "gmt".
+
+    Time-zone names after am/pm (e.g. "3:11 PM EDT") confuse dateutil, hence the cut. Like the official
+    code it looks for the substrings anywhere, so "amsterdam 2011-07-26" is cut after "am" and fails.
+    """
+    t = text.lower().strip()
+    for pattern, keep in (("am", 2), ("pm", 2), ("gmt", 0)):
+        i = t.find(pattern)
+        if i >= 0:
+            return t[: i + keep].strip()
+    return t
+
+
+def parse_date(text: object, *, time_missing_means_midnight: bool = True) -> ParsedDate:
+    """Parse a free-text date (e.g. '2021/10/31 3:11 PM EDT', 'June 26th, 2010', '1/29/09 10:28').
+
+    Unparseable text gives neither month nor hour. A date without a time of day gives hour 0 and counts as
+    known by default, as in the official loader (a quirk, see docs/faithfulness.md); pass
+    ``time_missing_means_midnight=False`` to mark the hour unknown instead.
+    """
+    if text is None or (isinstance(text, float) and text != text) or not str(text).strip():
+        return ParsedDate(None, None)
+    cleaned = clean_date_text(str(text))
+    try:
+        a = date_parser.parse(cleaned, default=dt.datetime(2000, 1, 1, 0, 0))
+        b = date_parser.parse(cleaned, default=dt.datetime(2000, 1, 1, 12, 30))
+    except (ValueError, OverflowError, TypeError):
+        return ParsedDate(None, None)
+    has_time = (a.hour, a.minute) == (b.hour, b.minute)
+    hour = a.hour if has_time or time_missing_means_midnight else None
+    return ParsedDate(a.month, hour)

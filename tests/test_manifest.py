@@ -1,0 +1,172 @@
+"""Manifest validation and the map-style dataset: every planted fault is reported with its row, and
+training with ``skip`` loses exactly those rows and says so."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from psm.cli import main as cli_main
+from psm.data.dataset import ManifestDataset, make_collate
+from psm.data.dates import parse_date
+from psm.data.errors import DataError, SkipLog
+from psm.data.manifest import ManifestError, validate_manifest
+from psm.data.metadata import MetadataSpec
+
+TILE = 256 * 5  # a Sentinel-2 tile big enough for zoom 5
+
+
+def _write_good_files(root, n):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        wav = root / f"clip{i}.wav"
+        sf.write(wav, (0.1 * rng.standard_normal(16000 + 800 * i)).astype("float32"), 16000)
+        img = root / f"tile{i}.png"
+        Image.fromarray(rng.integers(0, 255, (TILE, TILE, 3), dtype=np.uint8)).save(img)
+        rows.append(
+            dict(
+                key=f"s{i}",
+                audio_path=wav.name,
+                latitude=40.0 + i,
+                longitude=-74.0,
+                audio_source="iNat",
+                caption=f"birds singing {i}",
+                caption_source="meta",
+                date="2021/05/31 6:11 AM EDT",
+                image_sentinel2=img.name,
+            )
+        )
+    return rows
+
+
+@pytest.fixture
+def faulty_manifest(tmp_path):
+    rows = _write_good_files(tmp_path, 4)
+    # one of each planted fault, each in its own row
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype="float32"), 16000)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.new("RGB", (300, 300)).save(tmp_path / "small.png")
+    base = dict(rows[0])
+    faults = {
+        "corrupt_audio": {"audio_path": "corrupt.wav"},
+        "empty_audio": {"audio_path": "empty.wav"},
+        "unreadable_image": {"image_sentinel2": "broken.png"},
+        "small_image": {"image_sentinel2": "small.png"},
+        "nan_coordinates": {"latitude": "nan"},
+        "month_13": {"month": "13"},
+        "unknown_source": {"audio_source": "tiktok"},
+        "missing_file": {"audio_path": "nowhere.wav"},
+    }
+    for name, change in faults.items():
+        rows.append({**base, "key": name, **change})
+    df = pd.DataFrame(rows)
+    path = tmp_path / "manifest.csv"
+    df.to_csv(path, index=False)
+    return path, {name: 4 + i for i, name in enumerate(faults)}
+
+
+def test_validate_reports_every_planted_fault_with_its_row(faulty_manifest):
+    path, fault_rows = faulty_manifest
+    report = validate_manifest(path)
+    assert not report.ok
+    assert report.bad_rows == set(fault_rows.values())
+    by_row = {p.row: p for p in report.errors}
+    expectations = {
+        "corrupt_audio": "corrupt.wav",
+        "empty_audio": "empty.wav",
+        "unreadable_image": "broken.png",
+        "small_image": "zoom 5 needs 1280×1280",
+        "nan_coordinates": "latitude",
+        "month_13": "not an integer in 1..12",
+        "unknown_source": "unknown audio_source 'tiktok'",
+        "missing_file": "nowhere.wav: file not found",
+    }
+    for name, fragment in expectations.items():
+        problem = by_row[fault_rows[name]]
+        assert fragment in str(problem), (name, str(problem))
+        assert problem.key == name and str(path) in str(problem)
+    assert "12 rows, 8 bad rows" in report.format()
+
+
+def test_validate_cli_exits_non_zero_and_prints_rows(faulty_manifest, capsys):
+    path, fault_rows = faulty_manifest
+    assert cli_main(["data", "validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    for row in fault_rows.values():
+        assert f"row {row}" in out
+    assert cli_main(["data", "validate", str(path), "--on-error", "skip"]) == 0
+
+
+def test_validate_passes_on_a_clean_manifest(tmp_path, capsys):
+    pd.DataFrame(_write_good_files(tmp_path, 2)).to_parquet(tmp_path / "m.parquet")
+    assert validate_manifest(tmp_path / "m.parquet").ok
+    assert cli_main(["data", "validate", str(tmp_path / "m.parquet")]) == 0
+
+
+def test_manifest_schema_errors(tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found"):
+        validate_manifest(tmp_path / "nope.csv")
+    pd.DataFrame({"key": ["a"]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ManifestError, match="missing required columns"):
+        validate_manifest(tmp_path / "m.csv")
+    rows = _write_good_files(tmp_path, 1)
+    pd.DataFrame(rows).rename(columns={"image_sentinel2": "image_planet"}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ManifestError, match="unknown imagery source 'planet'"):
+        validate_manifest(tmp_path / "m.csv")
+
+
+def test_training_with_skip_loses_exactly_the_bad_rows_and_says_so(faulty_manifest, tmp_path):
+    path, fault_rows = faulty_manifest
+    log = SkipLog(tmp_path / "reports" / "skipped")
+    ds = ManifestDataset(path, imagery_source="sentinel2", train=True, input_size=64, on_error="skip", skip_log=log)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=make_collate(MetadataSpec()))
+    keys = [k for batch in loader if batch is not None for k in batch.keys]
+    assert keys == ["s0", "s1", "s2", "s3"]
+    assert sorted(p.key for p in SkipLog.read_all(tmp_path / "reports" / "skipped")) == sorted(fault_rows)
+    assert len(log) == len(fault_rows)
+
+
+def test_training_with_raise_stops_at_the_first_bad_row(faulty_manifest):
+    path, _ = faulty_manifest
+    with pytest.raises(DataError, match="row 8.*latitude"):
+        ManifestDataset(path, imagery_source="sentinel2", train=True, on_error="raise")
+
+
+def test_dataset_samples_are_reproducible_per_seed_and_epoch(tmp_path):
+    pd.DataFrame(_write_good_files(tmp_path, 2)).to_csv(tmp_path / "m.csv", index=False)
+    ds = ManifestDataset(tmp_path / "m.csv", imagery_source="sentinel2", train=True, input_size=64, seed=3)
+    a = ds[0]
+    assert torch.equal(a.image, ds[0].image) and a.zoom == ds[0].zoom
+    assert a.waveform.shape == (48000,)  # 1 s at 16 kHz, resampled to 48 kHz
+    assert a.metadata["month"] == 5 and a.metadata["hour"] == 6
+    ds.set_epoch(1)
+    assert not torch.equal(a.image, ds[0].image)
+    batch = make_collate(MetadataSpec())([ds[0], ds[1]])
+    assert batch.waveforms.shape == (2, 50400) and batch.waveform_lengths.tolist() == [48000, 50400]
+    assert batch.metadata.valid["hour"].all()
+
+
+@pytest.mark.parametrize(
+    ("text", "month", "hour"),
+    [
+        ("2021/10/31 3:11 PM EDT", 10, 15),
+        ("2011-07-26 12:46:19.0", 7, 12),
+        ("1/29/09 10:28", 1, 10),
+        ("June 26th, 2010", 6, 0),
+        ("not a date", None, None),
+        (None, None, None),
+    ],
+)
+def test_parse_date_as_the_official_loader(text, month, hour):
+    parsed = parse_date(text)
+    assert (parsed.month, parsed.hour) == (month, hour)
+
+
+def test_date_without_time_can_be_marked_unknown():
+    assert parse_date("June 26th, 2010", time_missing_means_midnight=False).hour is None
