@@ -134,7 +134,7 @@ def test_training_with_skip_loses_exactly_the_bad_rows_and_says_so(faulty_manife
 
 def test_training_with_raise_stops_at_the_first_bad_row(faulty_manifest):
     path, _ = faulty_manifest
-    with pytest.raises(DataError, match="row 8.*latitude"):
+    with pytest.raises(DataError, match=r"row 8.*latitude"):
         ManifestDataset(path, imagery_source="sentinel2", train=True, on_error="raise")
 
 
