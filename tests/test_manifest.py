@@ -155,17 +155,22 @@ def test_dataset_samples_are_reproducible_per_seed_and_epoch(tmp_path):
 @pytest.mark.parametrize(
     ("text", "month", "hour"),
     [
-        ("2021/10/31 3:11 PM EDT", 10, 15),
-        ("2011-07-26 12:46:19.0", 7, 12),
-        ("1/29/09 10:28", 1, 10),
-        ("June 26th, 2010", 6, 0),
+        ("2021/10/31 3:11 PM EDT", 10, 15),  # iNat: cut after "pm"
+        ("2011-07-26 12:46:19.0", 7, 12),  # yfcc
+        ("1/29/09 10:28", 1, 10),  # aporee, 24-hour clock
+        ("June 26th, 2010", 6, 0),  # no time of day: hour 0, valid (official semantics)
+        ("Tue, 05 Mar 2019 18:20:00 GMT", 3, 18),  # cut before "gmt"
+        ("2010", None, 0),  # no month: unknown (dateutil would fill in today's)
         ("not a date", None, None),
+        ("", None, None),
         (None, None, None),
+        (float("nan"), None, None),
     ],
 )
 def test_parse_date_as_the_official_loader(text, month, hour):
     parsed = parse_date(text)
     assert (parsed.month, parsed.hour) == (month, hour)
+    assert parsed.month_valid == (month is not None) and parsed.hour_valid == (hour is not None)
 
 
 def test_date_without_time_can_be_marked_unknown():

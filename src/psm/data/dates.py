@@ -38,21 +38,26 @@ def clean_date_text(text: str) -> str:
     return t
 
 
+# Two different defaults reveal which fields the text really contained (dateutil fills in the rest).
+_DEFAULTS = (dt.datetime(2000, 1, 1, 0, 0), dt.datetime(2001, 2, 2, 1, 1))
+
+
 def parse_date(text: object, *, time_missing_means_midnight: bool = True) -> ParsedDate:
     """Parse a free-text date (e.g. '2021/10/31 3:11 PM EDT', 'June 26th, 2010', '1/29/09 10:28').
 
-    Unparseable text gives neither month nor hour. A date without a time of day gives hour 0 and counts as
-    known by default, as in the official loader (a quirk, see docs/faithfulness.md); pass
-    ``time_missing_means_midnight=False`` to mark the hour unknown instead.
+    Unparseable text gives neither month nor hour; text without a month gives no month (dateutil alone
+    would fill in today's). A date without a time of day gives hour 0 and counts as known by default, as in
+    the official loader (a quirk, see docs/faithfulness.md); ``time_missing_means_midnight=False`` marks the
+    hour unknown instead.
     """
-    if text is None or (isinstance(text, float) and text != text) or not str(text).strip():
+    if not isinstance(text, str) or not text.strip():
         return ParsedDate(None, None)
-    cleaned = clean_date_text(str(text))
+    cleaned = clean_date_text(text)
     try:
-        a = date_parser.parse(cleaned, default=dt.datetime(2000, 1, 1, 0, 0))
-        b = date_parser.parse(cleaned, default=dt.datetime(2000, 1, 1, 12, 30))
+        a, b = (date_parser.parse(cleaned, default=d) for d in _DEFAULTS)
     except (ValueError, OverflowError, TypeError):
         return ParsedDate(None, None)
+    month = a.month if a.month == b.month else None
     has_time = (a.hour, a.minute) == (b.hour, b.minute)
-    hour = a.hour if has_time or time_missing_means_midnight else None
-    return ParsedDate(a.month, hour)
+    hour = a.hour if has_time else (0 if time_missing_means_midnight else None)
+    return ParsedDate(month, hour)
