@@ -175,3 +175,22 @@ def test_parse_date_as_the_official_loader(text, month, hour):
 
 def test_date_without_time_can_be_marked_unknown():
     assert parse_date("June 26th, 2010", time_missing_means_midnight=False).hour is None
+
+
+def test_pack_cli_writes_shards_skips_bad_rows_and_resumes(faulty_manifest, tmp_path, capsys):
+    from psm.data.shards import ShardDataset, ShardDecoder, read_index
+
+    path, fault_rows = faulty_manifest
+    out = tmp_path / "shards"
+    assert cli_main(["data", "pack", str(path), str(out), "--samples-per-shard", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 samples in 2 shards" in printed and f"skipped {len(fault_rows)} bad rows" in printed
+    index = read_index(out, "train")
+    assert sum(s["count"] for s in index["shards"]) == 4
+    # a re-run finds every shard complete
+    assert cli_main(["data", "pack", str(path), str(out), "--samples-per-shard", "2"]) == 0
+    assert "(0 written, 2 already complete)" in capsys.readouterr().out
+    ds = ShardDataset(out, ShardDecoder.for_source("sentinel2", train=False, zoom=1, input_size=64), prefix="train")
+    samples = list(ds)
+    assert sorted(s.key for s in samples) == ["s0", "s1", "s2", "s3"]
+    assert samples[0].caption.startswith("birds singing") and samples[0].metadata["hour"] == 6

@@ -77,6 +77,37 @@ def _cmd_data_validate(args: argparse.Namespace) -> int:
     return 1 if args.on_error == "raise" else 0
 
 
+def _cmd_data_pack(args: argparse.Namespace) -> int:
+    from psm.data.errors import SkipLog
+    from psm.data.manifest import ManifestError, manifest_records
+    from psm.data.shards import ShardWriteError, pack_records
+
+    log = SkipLog(args.report or f"{args.out_dir}/skipped")
+    records = manifest_records(
+        args.manifest, args.imagery_source, split=args.split, on_error=args.on_error, skip_log=log
+    )
+    try:
+        report = pack_records(
+            records,
+            args.out_dir,
+            prefix=args.prefix or (args.split or "train"),
+            samples_per_shard=args.samples_per_shard,
+            overwrite=args.overwrite,
+        )
+    except (ManifestError, ShardWriteError, ValueError) as e:
+        print(f"psm data pack: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{report.num_samples} samples in {len(report.shards)} shards "
+        f"({len(report.written)} written, {len(report.skipped)} already complete)"
+    )
+    if len(log):
+        print(f"skipped {len(log)} bad rows; report: {log.path}.*.jsonl")
+        for p in log.problems[:20]:
+            print(f"  {p}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from psm.demo import run_demo
 
@@ -119,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="raise (default): exit 1 when any row is bad; skip: report and exit 0",
     )
     p.set_defaults(func=_cmd_data_validate)
+
+    p = data.add_parser("pack", help="write a manifest split to WebDataset tar shards (resumable)")
+    p.add_argument("manifest")
+    p.add_argument("out_dir")
+    p.add_argument("--imagery-source", default="sentinel2")
+    p.add_argument("--split", help="only rows of this split (the manifest's split column)")
+    p.add_argument("--prefix", help="shard name prefix (default: the split, or 'train')")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--on-error", choices=("raise", "skip"), default="skip")
+    p.add_argument("--report", help="path stem of the skipped-rows report (default OUT_DIR/skipped)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_data_pack)
 
     p = data.add_parser("split", help="the paper's geographic train/val/test split of a manifest")
     p.add_argument("manifest")

@@ -288,3 +288,85 @@ def iter_rows(
     root = path.parent
     for i in range(len(df)):
         yield parse_row(df, i, root, spec, str(path), time_missing_means_midnight)
+
+
+def manifest_records(
+    path: str | Path,
+    imagery_source: str,
+    *,
+    split: str | None = None,
+    spec: MetadataSpec | None = None,
+    on_error: str = "skip",
+    skip_log=None,
+) -> Iterator:
+    """Shard records for :func:`psm.data.shards.pack_records` from a manifest, in row order.
+
+    Images are stored as their file's bytes, or for a raster as a PNG of the window the largest zoom needs;
+    audio as the file's encoded bytes (decoded and featurised at training time). Bad rows follow
+    ``on_error`` (skip: recorded in ``skip_log`` and counted, never silent).
+    """
+    import io
+
+    from PIL import Image
+
+    from psm.data.audio import AudioDecodeError
+    from psm.data.errors import DataError, SkipLog
+    from psm.data.imagery import ImageryError, read_raster_window
+    from psm.data.shards import ShardRecord
+
+    path = Path(path)
+    spec = spec or MetadataSpec()
+    source = get_imagery_source(imagery_source)
+    log = skip_log if skip_log is not None else SkipLog()
+    df = read_manifest(path)
+
+    def problem(p: DataProblem) -> None:
+        if on_error == "raise":
+            raise DataError(p)
+        log.record(p)
+
+    for row, problems in iter_rows(df, path, spec):
+        errors = [p for p in problems if p.severity == "error"]
+        if row is None or errors:
+            problem(errors[0])
+            continue
+        if split is not None and row.split != split:
+            continue
+        image_path = row.images.get(source.name)
+        if image_path is None:
+            problem(DataProblem(f"no {source.name} image", file=str(path), row=row.row, key=row.key))
+            continue
+        # Decode once, with the same checks as `psm data validate`, so bad files are caught here and not
+        # mid-training.
+        file_problems = check_files(row, str(path), decode=True)
+        if file_problems:
+            problem(file_problems[0])
+            continue
+        try:
+            audio = row.audio_path.read_bytes()
+            if image_path.suffix.lower() in RASTER_SUFFIXES:
+                size = max(source.zoom_levels) * source.tile_size
+                window = read_raster_window(
+                    image_path,
+                    row.metadata["latitude"],
+                    row.metadata["longitude"],
+                    size_px=size,
+                    gsd_m=source.base_gsd_m,
+                )
+                buf = io.BytesIO()
+                Image.fromarray(window).save(buf, format="PNG")
+                image, image_ext = buf.getvalue(), "png"
+            else:
+                image, image_ext = image_path.read_bytes(), image_path.suffix.lower().lstrip(".")
+        except (AudioDecodeError, ImageryError, OSError) as e:
+            problem(DataProblem(str(e), file=str(path), row=row.row, key=row.key))
+            continue
+        meta = {**row.metadata, "caption": row.caption, "split": row.split}
+        yield ShardRecord(
+            key=row.key,
+            meta=meta,
+            image=image,
+            image_ext="jpg" if image_ext == "jpeg" else image_ext,
+            audio=audio,
+            audio_ext=row.audio_path.suffix.lower().lstrip("."),
+        )
