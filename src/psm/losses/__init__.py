@@ -105,9 +105,7 @@ class TriModalLoss(nn.Module):
         elif kind == "infonce":
             self.criterion = InfoNCECriterion(init_tau)
         else:
-            self.criteria = nn.ModuleDict(
-                {name: GeoCLAPInfoNCECriterion(init_logit_scale) for name, _, _ in PAIRS}
-            )
+            self.criteria = nn.ModuleDict({name: GeoCLAPInfoNCECriterion(init_logit_scale) for name, _, _ in PAIRS})
 
     def clamp_(self) -> None:
         """Clamp GeoCLAP logit scales after an optimiser step (no-op for the other kinds)."""

@@ -14,9 +14,7 @@ GEOCLAP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 GEOCLAP_LOGIT_SCALE_RANGE = (1.0, math.log(100))
 
 
-def infonce_pair_loss(
-    emb_p: Tensor, emb_q: Tensor, logit_scale: float | Tensor, *, symmetric: bool = True
-) -> Tensor:
+def infonce_pair_loss(emb_p: Tensor, emb_q: Tensor, logit_scale: float | Tensor, *, symmetric: bool = True) -> Tensor:
     """½(CE(ℓ, arange) + CE(ℓᵀ, arange)) with ℓ = logit_scale · emb_p emb_qᵀ (CLIP-style InfoNCE).
 
     `symmetric=False` keeps only the row CE, with row i's positive in column i; this is the
@@ -24,8 +22,7 @@ def infonce_pair_loss(
     """
     if emb_p.dim() != 2 or emb_q.dim() != 2 or emb_p.shape[1] != emb_q.shape[1]:
         raise ValueError(
-            "emb_p and emb_q must be 2-D with the same dim, "
-            f"got {tuple(emb_p.shape)} and {tuple(emb_q.shape)}"
+            f"emb_p and emb_q must be 2-D with the same dim, got {tuple(emb_p.shape)} and {tuple(emb_q.shape)}"
         )
     n, m = emb_p.shape[0], emb_q.shape[0]
     if (symmetric and n != m) or n > m:
@@ -47,9 +44,7 @@ class InfoNCECriterion(nn.Module):
         super().__init__()
         self.tau = nn.Parameter(torch.full((1,), float(init_tau)))
 
-    def forward(
-        self, emb_p: Tensor, emb_q: Tensor, *, symmetric: bool = True
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, emb_p: Tensor, emb_q: Tensor, *, symmetric: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         loss = infonce_pair_loss(emb_p, emb_q, self.tau, symmetric=symmetric)
         return loss, {"loss": loss.detach(), "tau": self.tau.detach()[0]}
 
@@ -70,8 +65,6 @@ class GeoCLAPInfoNCECriterion(nn.Module):
         """Clamp the log-scale in place so the multiplier stays in [e, 100]."""
         self.logit_scale.clamp_(*GEOCLAP_LOGIT_SCALE_RANGE)
 
-    def forward(
-        self, emb_p: Tensor, emb_q: Tensor, *, symmetric: bool = True
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, emb_p: Tensor, emb_q: Tensor, *, symmetric: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         loss = infonce_pair_loss(emb_p, emb_q, self.logit_scale.exp(), symmetric=symmetric)
         return loss, {"loss": loss.detach(), "logit_scale": self.logit_scale.detach()}

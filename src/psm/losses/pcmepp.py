@@ -6,7 +6,7 @@ as log σ². For one pair of modalities (p, q) on one device the loss is
     L = 2·BCE(ℓ, M) + β·(KL_p + KL_q) + α·(BCE(ℓ, T_pq) + BCE(ℓᵀ, T_qp)),   ℓ = −a·CSD + b
 
 with every BCE a mean over all N·M entries, M the target (identity on one device) and T the
-pseudo-positive targets. See docs/reference "pcmepp-loss-and-metrics" §2-6 for the derivation.
+pseudo-positive targets. The reference note pcmepp-loss-and-metrics.md (§2-6) has the details.
 """
 
 import warnings
@@ -29,8 +29,7 @@ def _check_gaussian(name: str, mu: Tensor, logvar: Tensor) -> None:
         raise ValueError(f"mu_{name} must be 2-D [N, D], got shape {tuple(mu.shape)}")
     if logvar.shape != mu.shape:
         raise ValueError(
-            f"logvar_{name} must have the same shape as mu_{name}, "
-            f"got {tuple(logvar.shape)} vs {tuple(mu.shape)}"
+            f"logvar_{name} must have the same shape as mu_{name}, got {tuple(logvar.shape)} vs {tuple(mu.shape)}"
         )
 
 
@@ -39,8 +38,7 @@ def _check_pair(mu_p: Tensor, logvar_p: Tensor, mu_q: Tensor, logvar_q: Tensor) 
     _check_gaussian("q", mu_q, logvar_q)
     if mu_p.shape[1] != mu_q.shape[1]:
         raise ValueError(
-            "mu_p and mu_q must have the same embedding dim D, "
-            f"got {tuple(mu_p.shape)} vs {tuple(mu_q.shape)}"
+            f"mu_p and mu_q must have the same embedding dim D, got {tuple(mu_p.shape)} vs {tuple(mu_q.shape)}"
         )
 
 
@@ -82,9 +80,7 @@ def _csd_parts(
     return mu_part, sigma_part
 
 
-def csd(
-    mu_p: Tensor, logvar_p: Tensor, mu_q: Tensor, logvar_q: Tensor, *, assume_unit_norm: bool = False
-) -> Tensor:
+def csd(mu_p: Tensor, logvar_p: Tensor, mu_q: Tensor, logvar_q: Tensor, *, assume_unit_norm: bool = False) -> Tensor:
     """Closed-form sampled distance [N, M]: ‖μ_p − μ_q‖² + Σσ²_p + Σσ²_q (= E‖z_p − z_q‖²).
 
     The default forms the squared difference directly, as training does; `assume_unit_norm`
@@ -190,9 +186,7 @@ def pcmepp_pair_terms(
         # bitwise ℓᵀ (CSD is exactly symmetric), then selects row-wise on it with matchedᵀ.
         t_pq, n_pq = _pseudo_positive_targets(logits, matched)
         t_qp, n_qp = _pseudo_positive_targets(logits.T, matched.T)
-        pseudo = F.binary_cross_entropy_with_logits(logits, t_pq) + F.binary_cross_entropy_with_logits(
-            logits.T, t_qp
-        )
+        pseudo = F.binary_cross_entropy_with_logits(logits, t_pq) + F.binary_cross_entropy_with_logits(logits.T, t_qp)
         n_pseudo = n_pq + n_qp
         loss = loss + alpha * pseudo
 
