@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
+    from psm.data.world import command as world_command
+    from psm.evaluation import command as evaluation_command
+
+    world_command.add_parser(sub)
+    evaluation_command.add_parser(sub)
+
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("validate", help="check a manifest: schema, value ranges, every file exists and decodes")
     p.add_argument("manifest")
