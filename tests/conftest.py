@@ -60,3 +60,52 @@ def tiny_batch(model, batch_size: int = 4, seed: int = 0, zooms=(1, 3, 5, 1)):
         attention_mask=mask,
         metadata=metadata,
     )
+
+
+def make_raster_manifest(root, n: int = 24, val_every: int = 4, seed: int = 0):
+    """A small real dataset: one GeoTIFF mosaic (EPSG:32633, 10 m) read as windows, WAV clips, a manifest."""
+    import numpy as np
+    import pandas as pd
+    import rasterio
+    import soundfile as sf
+    from rasterio.transform import from_origin
+    from rasterio.warp import transform
+
+    rng = np.random.default_rng(seed)
+    size = 3000  # a zoom-5 Sentinel-2 window is 1280 px: keep every sample ≥ 640 px from the edge
+    with rasterio.open(
+        root / "mosaic.tif",
+        "w",
+        driver="GTiff",
+        height=size,
+        width=size,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(330000, 5830000, 10, 10),
+        tiled=True,
+        compress="deflate",
+    ) as dst:
+        dst.write(rng.integers(0, 255, (3, size, size), dtype=np.uint8))
+    rows = []
+    for i in range(n):
+        x = 330000 + 10 * (700 + (1600 * i) // max(1, n - 1))
+        y = 5830000 - 10 * (700 + 230 * (i % 7))
+        lon, lat = transform("EPSG:32633", "EPSG:4326", [x], [y])
+        sf.write(root / f"c{i}.wav", (0.1 * rng.standard_normal(16000 * (2 + i % 5))).astype("float32"), 16000)
+        rows.append(
+            dict(
+                key=f"k{i}",
+                audio_path=f"c{i}.wav",
+                latitude=lat[0],
+                longitude=lon[0],
+                audio_source=["iNat", "yfcc"][i % 2],
+                caption=f"sound number {i} with birds",
+                caption_source="meta",
+                date="2020-05-01 06:00",
+                image_sentinel2="mosaic.tif",
+                split="val" if i % val_every == 0 else "train",
+            )
+        )
+    pd.DataFrame(rows).to_parquet(root / "manifest.parquet")
+    return root / "manifest.parquet"

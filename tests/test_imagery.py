@@ -371,9 +371,7 @@ def test_geographic_raster_footprint_is_in_metres(tmp_path: Path) -> None:
     # Native read (no gsd): plain degree pixels, point's pixel at size // 2, the square 18 rows × 28 cols.
     native = read_raster_window(path, lat0 + 0.3 * step, lon0 + 0.3 * step, 64)
     np.testing.assert_array_equal(native[:, :, 0], data[0, 199 - 32 : 199 + 32, 200 - 32 : 200 + 32])
-    assert (
-        abs(int((native[:, 32, 0] > 0).sum()) - 18) <= 1 and abs(int((native[32, :, 0] > 0).sum()) - 28) <= 1
-    )
+    assert abs(int((native[:, 32, 0] > 0).sum()) - 18) <= 1 and abs(int((native[32, :, 0] > 0).sum()) - 28) <= 1
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -417,9 +415,7 @@ def test_sentinel2_zoom_tiles(shared_imagery: Path) -> None:
     assert read_tile_for_zoom(S2_RGB, lat, lon, "sentinel2", 1).shape == (3, 256, 256)
 
     # The real Sentinel zoom 5 needs 1280 px, taller than the raster's 768 rows.
-    with pytest.raises(
-        ImageryError, match=r"T33UUU_20170216_RGB\.tif: a 1280×1280 px window .*partly outside"
-    ):
+    with pytest.raises(ImageryError, match=r"T33UUU_20170216_RGB\.tif: a 1280×1280 px window .*partly outside"):
         read_tile_for_zoom(S2_RGB, lat, lon, "sentinel2", 5)
     tile, valid = read_tile_for_zoom(S2_RGB, lat, lon, "sentinel2", 5, boundless=True)
     assert tile.shape == (3, 256, 256) and valid.shape == (1280, 1280)

@@ -95,9 +95,7 @@ def _synthetic(n_cells: int = 60, seed: int = 0) -> pd.DataFrame:
         k = int(rng.integers(1, 120))
         rows.append(np.c_[lat0 + rng.random(k) * 0.99, lon0 + rng.random(k) * 0.99])
     xy = np.concatenate(rows)
-    return pd.DataFrame(
-        {"latitude": xy[:, 0], "longitude": xy[:, 1], "audio_source": rng.choice(SOURCES, len(xy))}
-    )
+    return pd.DataFrame({"latitude": xy[:, 0], "longitude": xy[:, 1], "audio_source": rng.choice(SOURCES, len(xy))})
 
 
 def test_synthetic_split_invariants_and_summary() -> None:
@@ -105,9 +103,7 @@ def test_synthetic_split_invariants_and_summary() -> None:
     res = geographic_split(df)
     assert res.labels.index.equals(df.index) and res.cells.index.equals(df.index)
     assert set(res.labels) <= {"train", "val", "test"}
-    np.testing.assert_array_equal(
-        res.cells.to_numpy(dtype=np.int64), _official_degree_cells(df.latitude, df.longitude)
-    )
+    np.testing.assert_array_equal(res.cells.to_numpy(dtype=np.int64), _official_degree_cells(df.latitude, df.longitude))
     _check_invariants(res.labels, res.cells)
     s = res.summary
     assert sum(s["samples"].values()) == len(df)
@@ -193,9 +189,7 @@ def test_birdclef_bad_rows_reported(birdclef: pd.DataFrame) -> None:
     assert sum(res.summary["by_source"]["invalid"].values()) == 42
     _check_invariants(res.labels, res.cells)
     ok = res.labels != "invalid"
-    np.testing.assert_array_equal(
-        res.cells[ok].to_numpy(dtype=np.int64), _official_degree_cells(lat[ok], lon[ok])
-    )
+    np.testing.assert_array_equal(res.cells[ok].to_numpy(dtype=np.int64), _official_degree_cells(lat[ok], lon[ok]))
 
 
 @pytest.mark.shared
@@ -290,9 +284,7 @@ def test_geoclip_metric_10km_cells(geoclip: pd.DataFrame) -> None:
 
 
 @pytest.mark.shared
-def test_write_split_csv_atomic(
-    birdclef: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_write_split_csv_atomic(birdclef: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "manifest.csv"
     birdclef.iloc[::3].to_csv(src, index=False)  # includes the "-" rows at the end
     out = tmp_path / "out" / "split.csv"

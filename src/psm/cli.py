@@ -108,6 +108,12 @@ def _cmd_data_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from psm.training.train import run_training
+
+    return run_training(args.lightning_args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from psm.demo import run_demo
 
@@ -137,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-partial", action="store_true", help="write even if some keys cannot be mapped")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser(
+        "train",
+        help="train with a YAML config (LightningCLI: psm train --config FILE.yaml [--trainer.max_steps N] ...)",
+        add_help=False,
+    )
+    p.add_argument("lightning_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_train)
 
     from psm.data.world import command as world_command
     from psm.evaluation import command as evaluation_command
@@ -184,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``psm`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # LightningCLI parses its own options (argparse would reject them)
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return _cmd_train(argparse.Namespace(lightning_args=argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

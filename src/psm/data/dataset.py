@@ -48,8 +48,8 @@ class ManifestDataset(Dataset):
         self.path = Path(manifest)
         self.source = get_imagery_source(imagery_source)
         self.train = train
-        if zoom is None and not train and len(self.source.zoom_levels) > 1:
-            raise ValueError(f"evaluation needs a fixed zoom, one of {self.source.zoom_levels}")
+        # zoom=None draws a zoom per sample from its (seed, epoch, index) generator: random in training,
+        # and still deterministic in evaluation (the official in-training validation drew random zooms).
         self.zoom = zoom
         self.seed = seed
         self.epoch = 0
@@ -91,13 +91,13 @@ class ManifestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def load(self, index: int) -> Sample:
-        """Load sample ``index``; raises on bad files (see :meth:`__getitem__` for the policy)."""
+    def load(self, index: int, epoch: int | None = None) -> Sample:
+        """Load sample ``index`` as drawn in ``epoch`` (default: the current one); raises on bad files."""
         from psm.data.audio import load_audio
         from psm.data.imagery import ImageryError, load_image, prepare_image, read_raster_window
 
         row = self.rows[index]
-        g = sample_generator(self.seed, self.epoch, index)
+        g = sample_generator(self.seed, self.epoch if epoch is None else epoch, index)
         zoom = self.zoom
         if zoom is None:
             levels = self.source.zoom_levels
@@ -132,13 +132,15 @@ class ManifestDataset(Dataset):
             waveform=waveform,
         )
 
-    def __getitem__(self, index: int) -> Sample | None:
-        """The sample, or None when it is bad and the policy is ``skip`` (the problem is logged)."""
+    def __getitem__(self, item: int | tuple[int, int]) -> Sample | None:
+        """Sample ``item`` (an index, or ``(index, epoch)`` from a step sampler); None when it is bad and
+        the policy is ``skip`` (the problem is logged)."""
         from psm.data.audio import AudioDecodeError
         from psm.data.imagery import ImageryError
 
+        index, epoch = item if isinstance(item, tuple) else (item, None)
         try:
-            return self.load(index)
+            return self.load(index, epoch)
         except (AudioDecodeError, ImageryError, OSError) as e:
             row = self.rows[index]
             problem = DataProblem(str(e), file=str(self.path), row=row.row, key=row.key)

@@ -113,9 +113,7 @@ def _check_positive_int(value: int, what: str) -> None:
         raise ImageryError(f"{what} must be a positive integer, got {value!r}")
 
 
-def zoom_crop(
-    image: ImageLike, zoom: int, tile_size: int, *, name: str | os.PathLike[str] | None = None
-) -> Tensor:
+def zoom_crop(image: ImageLike, zoom: int, tile_size: int, *, name: str | os.PathLike[str] | None = None) -> Tensor:
     """The official zoom transform: centre-crop ``zoom × tile_size`` px, resize to ``tile_size`` (bicubic).
 
     Returns a float CHW tensor in [0, 1]. A larger zoom sees a wider ground footprint at the same tile size.
@@ -132,9 +130,7 @@ def zoom_crop(
             f"at least {need}×{need} px"
         )
     tensor = TF.center_crop(tensor, [need, need])
-    tensor = TF.resize(
-        tensor, [tile_size, tile_size], interpolation=InterpolationMode.BICUBIC, antialias=True
-    )
+    tensor = TF.resize(tensor, [tile_size, tile_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
     # Bicubic overshoots at hard edges; clamping keeps the [0, 1] contract (official code leaves it).
     return tensor.clamp_(0.0, 1.0)
 
@@ -200,13 +196,9 @@ class TrainTransform:
         """Transform one image (any :data:`ImageLike`) to a normalised float tensor [3, size, size]."""
         gen = generator if generator is not None else self.generator
         tensor = to_float_tensor(image)
-        top, left, h, w = random_resized_crop_params(
-            tensor.shape[-2], tensor.shape[-1], self.scale, self.ratio, gen
-        )
+        top, left, h, w = random_resized_crop_params(tensor.shape[-2], tensor.shape[-1], self.scale, self.ratio, gen)
         size = [self.input_size, self.input_size]
-        tensor = TF.resized_crop(
-            tensor, top, left, h, w, size, interpolation=InterpolationMode.BICUBIC, antialias=True
-        )
+        tensor = TF.resized_crop(tensor, top, left, h, w, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
         if float(torch.rand(1, generator=gen).item()) < 0.5:
             tensor = TF.horizontal_flip(tensor)
         return TF.normalize(tensor, list(IMAGENET_MEAN), list(IMAGENET_STD))
@@ -227,9 +219,7 @@ class EvalTransform:
         return TF.normalize(tensor, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
-def train_transform(
-    input_size: int = DEFAULT_INPUT_SIZE, generator: torch.Generator | None = None
-) -> TrainTransform:
+def train_transform(input_size: int = DEFAULT_INPUT_SIZE, generator: torch.Generator | None = None) -> TrainTransform:
     """The official training transform; pass a seeded ``generator`` (here or per call) for reproducibility."""
     return TrainTransform(input_size=input_size, generator=generator)
 
@@ -320,9 +310,7 @@ class SatelliteView:
     ) -> tuple[Tensor, int]:
         """Prepare one raw tile: returns the normalised [3, size, size] tensor and the zoom level used."""
         zoom = self.zoom if self.zoom is not None else sample_zoom(self.source, generator)
-        image_t = prepare_image(
-            image, self.source, zoom, self.train, generator, input_size=self.input_size, name=name
-        )
+        image_t = prepare_image(image, self.source, zoom, self.train, generator, input_size=self.input_size, name=name)
         return image_t, zoom
 
 
@@ -469,12 +457,7 @@ def _read_resampled(
     corners_px = [~src.transform @ (cx_, cy_) for cx_ in (left, right) for cy_ in (bottom, top)]
     cols, rows = zip(*corners_px, strict=True)
     tol = 1e-3  # source pixels; absorbs round-off of an exactly fitting footprint
-    inside = (
-        min(cols) >= -tol
-        and min(rows) >= -tol
-        and max(cols) <= src.width + tol
-        and max(rows) <= src.height + tol
-    )
+    inside = min(cols) >= -tol and min(rows) >= -tol and max(cols) <= src.width + tol and max(rows) <= src.height + tol
     if not inside and not boundless:
         raise ImageryError(
             f"{name}: the {size_px * gsd_m:g} m ground square ({size_px} px at {gsd_m:g} m) "
@@ -590,9 +573,7 @@ def read_raster_window(
         if gsd_m is None or (native is not None and math.isclose(gsd_m, native, rel_tol=1e-6)):
             data, valid = _read_native(src, name, x, y, size_px, bands, boundless)
         else:
-            data, valid = _read_resampled(
-                src, name, lat, lon, x, y, size_px, gsd_m, bands, boundless, resampling
-            )
+            data, valid = _read_resampled(src, name, lat, lon, x, y, size_px, gsd_m, bands, boundless, resampling)
     image = _to_uint8_hwc(data, scale)
     if valid is None:
         return image
@@ -649,9 +630,7 @@ def read_tile_for_zoom(
     _check_zoom(src, zoom)
     size = zoom * src.tile_size
     if boundless:
-        raw, valid = read_raster_window(
-            path, lat, lon, size, src.base_gsd_m, bands, boundless=True, scale=scale
-        )
+        raw, valid = read_raster_window(path, lat, lon, size, src.base_gsd_m, bands, boundless=True, scale=scale)
         return zoom_crop(raw, zoom, src.tile_size, name=_raster_name(path)), valid
     raw = read_raster_window(path, lat, lon, size, src.base_gsd_m, bands, scale=scale)
     return zoom_crop(raw, zoom, src.tile_size, name=_raster_name(path))

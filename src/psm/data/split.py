@@ -95,9 +95,7 @@ def _parse_cell(cell: str | float) -> float | None:
         try:
             size = float(text)
         except ValueError:
-            raise ValueError(
-                f"cell must be '1deg' or a size in km (e.g. 10 or '10km'), got {cell!r}"
-            ) from None
+            raise ValueError(f"cell must be '1deg' or a size in km (e.g. 10 or '10km'), got {cell!r}") from None
     else:
         size = float(cell)
     if not math.isfinite(size) or size <= 0:
@@ -186,8 +184,7 @@ def _coordinates(
     if n_bad and on_error != "skip":
         bad = np.flatnonzero(~valid)
         shown = "; ".join(
-            f"row {p} (index {df.index[p]!r}): {lat_col}={df[lat_col].iloc[p]!r}, "
-            f"{lon_col}={df[lon_col].iloc[p]!r}"
+            f"row {p} (index {df.index[p]!r}): {lat_col}={df[lat_col].iloc[p]!r}, {lon_col}={df[lon_col].iloc[p]!r}"
             for p in bad[:5]
         )
         more = f" (and {n_bad - 5} more)" if n_bad > 5 else ""
@@ -210,8 +207,7 @@ def _allocate(
     n_train = sum(train_counts.values())
     sources = sorted(set(train_counts) | set(available) | ({largest} if largest is not None else set()))
     alloc = {
-        s: min(int(target * (train_counts.get(s, 0) / n_train)) if n_train else 0, available.get(s, 0))
-        for s in sources
+        s: min(int(target * (train_counts.get(s, 0) / n_train)) if n_train else 0, available.get(s, 0)) for s in sources
     }
     # Official: the whole shortfall goes to iNat (the largest source). If that source runs out we
     # continue down the train ranking rather than silently return fewer samples than asked for.
@@ -436,9 +432,7 @@ def _summarise(
     }
     if sources is not None:
         summary["by_source"] = {
-            s: {
-                str(k): int(v) for k, v in pd.Series(sources[labels == s]).value_counts().sort_index().items()
-            }
+            s: {str(k): int(v) for k, v in pd.Series(sources[labels == s]).value_counts().sort_index().items()}
             for s in samples
         }
     if resampling:
@@ -515,9 +509,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"tercile thresholds q1 = {t['q1']:g}, q2 = {t['q2']:g} samples per cell")
         lines.append(f"  {'group':<8}{'cells':>8}{'samples':>10}{'held':>7}{'val':>6}{'test':>6}")
         for g, d in t["groups"].items():
-            lines.append(
-                f"  {g:<8}{d['cells']:>8}{d['samples']:>10}{d['held_out']:>7}{d['val']:>6}{d['test']:>6}"
-            )
+            lines.append(f"  {g:<8}{d['cells']:>8}{d['samples']:>10}{d['held_out']:>7}{d['val']:>6}{d['test']:>6}")
     before = summary["samples_before_resampling"]
     lines.append(f"  {'split':<12}{'cells':>8}{'samples':>10}{'before re-sampling':>20}")
     for s, k in summary["samples"].items():
@@ -533,7 +525,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     for s, r in summary.get("resampling", {}).items():
         flag = "" if r["target_met"] else f" (target {r['target']} not met)"
         lines.append(
-            f"  {s} re-sampled {r['selected']} of {r['available']}{flag}, "
-            f"shortfall to {r['shortfall_source']}"
+            f"  {s} re-sampled {r['selected']} of {r['available']}{flag}, shortfall to {r['shortfall_source']}"
         )
     return "\n".join(lines)

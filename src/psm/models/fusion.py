@@ -80,12 +80,14 @@ class MetadataFusion(nn.Module):
         metadata: Metadata | None,
         keep: Iterable[str] | None = None,
         generator: torch.Generator | None = None,
+        metadata_dropout: bool | None = None,
     ) -> Tensor:
         """Fused feature (B, dim). ``keep`` names the metadata types to use (None: all configured ones).
 
-        Metadata dropout is applied only in training mode (``self.training``); see docs/faithfulness.md for
-        the option that reproduces the official dropout during in-training validation.
+        Metadata dropout is applied in training mode only (``metadata_dropout=None``); ``True`` forces it,
+        e.g. to reproduce the official in-training validation (docs/faithfulness.md).
         """
+        drop = self.training if metadata_dropout is None else metadata_dropout
         B = image_feature.shape[0]
         keep_set = set(self.spec.types if keep is None else check_metadata_names(keep, self.spec.types))
         tokens, masks = [], []
@@ -104,7 +106,7 @@ class MetadataFusion(nn.Module):
                     raise ValueError(f"metadata {name!r} has {values.shape[0]} rows for a batch of {B}")
             if name not in keep_set:
                 valid = torch.zeros_like(valid)
-            elif self.training and self.dropout_rate > 0:
+            elif drop and self.dropout_rate > 0:
                 valid = exact_count_dropout(valid, self.dropout_rate, generator)
             emb = net(values.to(image_feature.device) if isinstance(net, nn.Embedding) else values.to(image_feature))
             tokens.append(emb * valid.unsqueeze(1).to(emb.dtype))  # masked tokens are also zeroed, as official

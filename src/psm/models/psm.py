@@ -40,9 +40,12 @@ class ImageTower(nn.Module):
         metadata: Metadata | None = None,
         keep_metadata: Iterable[str] | None = None,
         generator: torch.Generator | None = None,
+        metadata_dropout: bool | None = None,
     ) -> GaussianEmbedding:
         if self.fusion is not None:
-            features = self.fusion(features, metadata, keep=keep_metadata, generator=generator)
+            features = self.fusion(
+                features, metadata, keep=keep_metadata, generator=generator, metadata_dropout=metadata_dropout
+            )
         elif keep_metadata:
             raise ValueError(f"this model uses no metadata, but keep_metadata={list(keep_metadata)} was given")
         return self.head(features)
@@ -81,9 +84,10 @@ class PSM(nn.Module):
         metadata: Metadata | None = None,
         keep_metadata: Iterable[str] | None = None,
         generator: torch.Generator | None = None,
+        metadata_dropout: bool | None = None,
     ) -> GaussianEmbedding:
         """Fuse metadata (those named in ``keep_metadata``; None = all) into features and apply the heads."""
-        return self.image.embed_features(features, metadata, keep_metadata, generator)
+        return self.image.embed_features(features, metadata, keep_metadata, generator, metadata_dropout)
 
     def encode_image(
         self,
@@ -92,9 +96,11 @@ class PSM(nn.Module):
         metadata: Metadata | None = None,
         keep_metadata: Iterable[str] | None = None,
         generator: torch.Generator | None = None,
+        metadata_dropout: bool | None = None,
     ) -> GaussianEmbedding:
         """Image (+ metadata) → Gaussian embedding."""
-        return self.embed_image_features(self.image_features(images, zoom), metadata, keep_metadata, generator)
+        features = self.image_features(images, zoom)
+        return self.embed_image_features(features, metadata, keep_metadata, generator, metadata_dropout)
 
     # --- audio and text -----------------------------------------------------------------------------
     def encode_audio(self, input_features: Tensor, is_longer: Tensor) -> GaussianEmbedding:
@@ -118,10 +124,11 @@ class PSM(nn.Module):
         metadata: Metadata | None = None,
         keep_metadata: Iterable[str] | None = None,
         generator: torch.Generator | None = None,
+        metadata_dropout: bool | None = None,
     ) -> dict[str, GaussianEmbedding]:
         """Embeddings of every modality given; keys ``image``, ``audio`` and (with captions) ``text``."""
         out = {
-            "image": self.encode_image(images, zoom, metadata, keep_metadata, generator),
+            "image": self.encode_image(images, zoom, metadata, keep_metadata, generator, metadata_dropout),
             "audio": self.encode_audio(audio_features, is_longer),
         }
         if input_ids is not None and self.text is not None:

@@ -1,0 +1,139 @@
+"""The LightningDataModule: train and validation loaders from a manifest, with a resumable sample order."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from psm.data.dataset import ManifestDataset, make_collate
+from psm.data.errors import OnError, SkipLog
+from psm.data.manifest import read_manifest
+from psm.data.text import build_bpe_tokenizer, load_tokenizer
+from psm.training.sampler import StepSampler
+
+TOKENIZER_DIR = "tokenizer"
+
+
+class PSMDataModule(L.LightningDataModule):
+    """Batches of one imagery source from a manifest's ``train`` and ``val`` splits.
+
+    ``tokenizer`` is a local folder (e.g. a saved CLAP/RoBERTa tokenizer) or ``"bpe"`` to train a small
+    byte-level BPE on the training captions (tiny models, the offline world); it is saved in the run folder
+    so evaluation and exported checkpoints use the same one. Skipped samples are written to
+    ``<run>/skipped.*.jsonl`` and counted.
+    """
+
+    def __init__(
+        self,
+        manifest: str,
+        imagery_source: str = "sentinel2",
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        tokenizer: str | None = "bpe",
+        max_length: int = 128,
+        pad_to: str = "longest",
+        train_split: str = "train",
+        val_split: str = "val",
+        val_zoom: int | None = None,
+        seed: int = 0,
+        on_error: OnError = "skip",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: Any = None
+        self.train_set: ManifestDataset | None = None
+        self.val_set: ManifestDataset | None = None
+        self.skip_log: SkipLog | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir if self.trainer is not None else ".")
+
+    def _build_tokenizer(self, vocab_size: int) -> Any:
+        spec = self.hparams.tokenizer
+        saved = self.run_dir / TOKENIZER_DIR
+        if spec is None:
+            return None
+        if spec != "bpe":
+            tok = load_tokenizer(spec)
+        elif saved.is_dir():  # a resumed run keeps the tokenizer it started with
+            return load_tokenizer(saved)
+        else:
+            df = read_manifest(self.hparams.manifest)
+            split = df["split"] if "split" in df.columns else pd.Series(["train"] * len(df))
+            captions = df.loc[split == self.hparams.train_split, "caption"].dropna().astype(str).tolist()
+            tok = build_bpe_tokenizer(captions, vocab_size=vocab_size)
+        if self.trainer is None or self.trainer.is_global_zero:
+            tmp = saved.with_name(saved.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tok.save_pretrained(tmp)
+            shutil.rmtree(saved, ignore_errors=True)
+            tmp.rename(saved)
+        return tok
+
+    def setup(self, stage: str | None = None) -> None:
+        module = self.trainer.lightning_module
+        cfg = module.model.config
+        hp = self.hparams
+        self.spec = cfg.metadata
+        vocab = cfg.text.hf_config.get("vocab_size", 50265) if cfg.text is not None else 0
+        if cfg.text is not None and self.tokenizer is None:
+            self.tokenizer = self._build_tokenizer(vocab)
+        self.skip_log = SkipLog(self.run_dir / "skipped")
+        common = dict(
+            imagery_source=hp.imagery_source,
+            spec=cfg.metadata,
+            seed=hp.seed,
+            input_size=cfg.image.img_size,
+            on_error=hp.on_error,
+            skip_log=self.skip_log,
+        )
+        if stage in (None, "fit"):
+            self.train_set = ManifestDataset(hp.manifest, train=True, split=hp.train_split, **common)
+        if stage in (None, "fit", "validate"):
+            self.val_set = ManifestDataset(hp.manifest, train=False, split=hp.val_split, zoom=hp.val_zoom, **common)
+
+    def _collate(self):
+        return make_collate(self.spec, self.tokenizer, pad_to=self.hparams.pad_to)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            raise ValueError("psm training is step based: set trainer.max_steps")
+        # The sampler starts where the (possibly resumed) run stands: same data order, same step count.
+        sampler = StepSampler(
+            len(self.train_set),
+            self.hparams.batch_size,
+            seed=self.hparams.seed,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            start_step=trainer.global_step * accumulate,
+            end_step=trainer.max_steps * accumulate,
+        )
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=self._collate(),
+            num_workers=self.hparams.num_workers,
+            persistent_workers=False,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        # Each rank takes a contiguous share; the module gathers the embeddings before ranking.
+        n, rank, world = len(self.val_set), self.trainer.global_rank, self.trainer.world_size
+        share = list(range(rank * n // world, (rank + 1) * n // world))
+        return DataLoader(
+            self.val_set,
+            batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
+            sampler=share,
+            collate_fn=self._collate(),
+            num_workers=self.hparams.num_workers,
+        )

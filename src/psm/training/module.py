@@ -1,0 +1,195 @@
+"""The LightningModule: owns the losses, the optimiser and the schedule; the model itself stays plain.
+
+Defaults are the official recipe (AdamW 5e-5, weight decay 0.2 on every parameter including the loss's
+a, b and τ, betas (0.9, 0.98), eps 1e-6, cosine restarts every 5,000 steps with no warm-up). Validation
+embeds the validation split with metadata dropout off and scores image→audio and audio→image.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from psm.data.audio import clap_fusion_features
+from psm.data.batch import Batch
+from psm.losses import TriModalLoss
+from psm.models.factory import create_model
+from psm.models.heads import GaussianEmbedding
+
+SCHEDULES = ("official", "warmup-cosine", "constant")
+
+
+class PSMTrainingModule(L.LightningModule):
+    """Trains a :class:`psm.models.psm.PSM` with PCME++ or InfoNCE on tri-modal batches."""
+
+    def __init__(
+        self,
+        model: str = "psm-tiny",
+        model_overrides: dict[str, Any] | None = None,
+        satmae_checkpoint: str | None = None,
+        init_from: str | None = None,
+        loss: str = "pcmepp",
+        alpha: float = 0.1,
+        beta: float = 1e-4,
+        pair_weights: dict[str, float] | None = None,
+        distributed_loss: str = "global",
+        lr: float = 5e-5,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        decay_loss_scalars: bool = True,
+        schedule: str = "official",
+        restart_steps: int = 5000,
+        warmup_steps: int = 0,
+        metadata_dropout_in_validation: bool = False,
+        seed: int = 0,
+    ) -> None:
+        """``model`` is an architecture name or YAML; ``init_from`` a psm checkpoint folder to start from.
+
+        ``decay_loss_scalars=True`` applies weight decay to the loss's a, b, τ as the official code does;
+        ``metadata_dropout_in_validation=True`` reproduces the official validation (see faithfulness.md).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        overrides = dict(model_overrides or {})
+        # The loss decides the heads: PCME++ needs Gaussian embeddings, InfoNCE deterministic ones.
+        overrides.setdefault("probabilistic", loss == "pcmepp")
+        if init_from:
+            self.model = create_model(init_from)
+        else:
+            self.model = create_model(model, overrides=overrides, satmae_checkpoint=satmae_checkpoint, seed=seed)
+        if self.model.config.probabilistic != (loss == "pcmepp"):
+            raise ValueError(f"loss {loss!r} does not fit a model with probabilistic={self.model.config.probabilistic}")
+        world_loss = distributed_loss if torch.distributed.is_available() else "none"
+        self.loss_fn = TriModalLoss(kind=loss, pair_weights=pair_weights, alpha=alpha, beta=beta, distributed="none")
+        self._distributed_loss = world_loss
+        self._val_outputs: list[dict[str, Tensor]] = []
+        self._last_step_time: float | None = None
+
+    # --- batches ----------------------------------------------------------------------------------------
+    def _generator(self, salt: int) -> torch.Generator:
+        """A CPU generator private to this step and rank (reproducible augmentation and metadata dropout)."""
+        seed = (self.hparams.seed * 1_000_003 + self.global_step * 7919 + self.global_rank * 104_729 + salt) % 2**63
+        return torch.Generator().manual_seed(seed)
+
+    def audio_inputs(self, batch: Batch, train: bool) -> tuple[Tensor, Tensor]:
+        """CLAP fusion features on the training device (random chunks in training, fixed in validation)."""
+        if batch.audio_features is not None:
+            return batch.audio_features, batch.is_longer
+        gen = self._generator(1) if train else None
+        return clap_fusion_features(batch.waveforms, batch.waveform_lengths, generator=gen)
+
+    def embed(self, batch: Batch, train: bool, metadata_dropout: bool | None = None) -> dict[str, GaussianEmbedding]:
+        """Embeddings of a batch (text only when the batch has tokenised captions)."""
+        features, is_longer = self.audio_inputs(batch, train)
+        return self.model(
+            batch.images,
+            batch.zoom,
+            features.to(self.device),
+            is_longer.to(self.device),
+            batch.input_ids,
+            batch.attention_mask,
+            metadata=batch.metadata,
+            generator=self._generator(2) if train else None,
+            metadata_dropout=metadata_dropout,
+        )
+
+    def compute_loss(self, embeddings: dict[str, GaussianEmbedding]) -> tuple[Tensor, dict[str, Tensor]]:
+        self.loss_fn.distributed = self._distributed_loss if self.trainer.world_size > 1 else "none"
+        return self.loss_fn({k: v.as_loss_input() for k, v in embeddings.items()})
+
+    # --- Lightning hooks --------------------------------------------------------------------------------
+    def training_step(self, batch: Batch | None, batch_idx: int) -> Tensor | None:
+        if batch is None:  # every sample of the batch was skipped by the data's error policy
+            return None
+        loss, logs = self.compute_loss(self.embed(batch, train=True))
+        bs = len(batch)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs, sync_dist=True)
+        for key, value in logs.items():
+            if key != "loss" and isinstance(value, Tensor) and value.numel() == 1:
+                self.log(f"train/{key}", value.detach().float(), batch_size=bs)
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("samples_per_s", bs * self.trainer.world_size / (now - self._last_step_time), prog_bar=True)
+        self._last_step_time = now
+        return loss
+
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        self.loss_fn.clamp_()  # GeoCLAP keeps its logit scale in [1, ln 100]; a no-op otherwise
+
+    def validation_step(self, batch: Batch | None, batch_idx: int) -> None:
+        if batch is None:
+            return
+        dropout = True if self.hparams.metadata_dropout_in_validation else None
+        emb = self.embed(batch, train=False, metadata_dropout=dropout)
+        loss, _ = self.compute_loss(emb)
+        self.log("val/loss", loss, batch_size=len(batch), sync_dist=True)
+        out = {"image_mean": emb["image"].mean, "audio_mean": emb["audio"].mean}
+        if emb["image"].logvar is not None:
+            out |= {"image_logvar": emb["image"].logvar, "audio_logvar": emb["audio"].logvar}
+        self._val_outputs.append({k: v.detach() for k, v in out.items()})
+
+    def on_validation_epoch_end(self) -> None:
+        from psm.evaluation.retrieval import cosine_scores, csd_scores, retrieval_metrics
+
+        if not self._val_outputs:
+            return
+        cat = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        self._val_outputs.clear()
+        if self.trainer.world_size > 1:  # rank the whole validation split, not one rank's share
+            cat = self._gather_uneven(cat)
+        if "image_logvar" in cat:
+            i2s = csd_scores(cat["image_mean"], cat["image_logvar"], cat["audio_mean"], cat["audio_logvar"])
+            s2i = csd_scores(cat["audio_mean"], cat["audio_logvar"], cat["image_mean"], cat["image_logvar"])
+        else:
+            i2s = cosine_scores(cat["image_mean"], cat["audio_mean"])
+            s2i = cosine_scores(cat["audio_mean"], cat["image_mean"])
+        for name, scores in (("i2s", i2s), ("s2i", s2i)):
+            m = retrieval_metrics(scores)
+            self.log(f"val/{name}_r10", float(m["recall_at_10pct"]), prog_bar=name == "i2s", sync_dist=False)
+            self.log(f"val/{name}_median_rank", float(m["median_rank"]), sync_dist=False)
+
+    def _gather_uneven(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
+        """All-gather tensors whose first dimension differs by rank (pad, gather, drop the padding)."""
+        n = next(iter(local.values())).shape[0]
+        counts = self.all_gather(torch.tensor(n, device=self.device)).flatten().tolist()
+        top = max(counts)
+        out = {}
+        for key, value in local.items():
+            padded = torch.cat([value, value.new_zeros(top - n, *value.shape[1:])])
+            gathered = self.all_gather(padded)  # (world, top, ...)
+            out[key] = torch.cat([gathered[r, :c] for r, c in enumerate(counts)])
+        return out
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        model_params = [p for p in self.model.parameters() if p.requires_grad]
+        loss_params = list(self.loss_fn.parameters())
+        if hp.decay_loss_scalars:  # official: one AdamW group over everything
+            groups = [{"params": model_params + loss_params}]
+        else:
+            groups = [{"params": model_params}, {"params": loss_params, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps)
+        if hp.schedule == "official":
+            sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=hp.restart_steps)
+        elif hp.schedule == "warmup-cosine":
+            total = max(1, self.trainer.max_steps if self.trainer.max_steps > 0 else hp.restart_steps)
+            warm = hp.warmup_steps
+
+            def factor(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                progress = min(1.0, (step - warm) / max(1, total - warm))
+                return 0.5 * (1 + math.cos(math.pi * progress))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,129 @@
+"""``psm train --config FILE.yaml``: LightningCLI over the module and data module, step based and resumable.
+
+Every option of the YAML can be overridden on the command line (``--trainer.max_steps 200``,
+``--model.loss infonce``, ``--data.batch_size 32``). ``--resume`` continues from ``<run>/checkpoints/last.ckpt``
+with the same data order and step count. At the end the best (validation image→audio R@10 %) and the
+last weights are exported as psm checkpoint folders (safetensors + YAML + tokenizer) under ``<run>/export``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from psm.models.checkpoint import save_checkpoint
+from psm.training.checkpoint_io import SafeCheckpointIO, load_training_state
+from psm.training.datamodule import TOKENIZER_DIR, PSMDataModule
+from psm.training.module import PSMTrainingModule
+
+log = logging.getLogger(__name__)
+MONITOR = "val/i2s_r10"
+
+
+def export_weights(module: PSMTrainingModule, state_dict: dict[str, Any] | None, out: Path, run_dir: Path) -> Path:
+    """Write the module's model (optionally with another state dict) as a psm checkpoint folder."""
+    model = module.model
+    if state_dict is not None:
+        weights = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
+        model = type(model)(model.config)
+        model.load_state_dict(weights)
+    extra = {f"loss.{k}": v for k, v in module.loss_fn.state_dict().items()}
+    folder = save_checkpoint(model, out, extra_tensors=extra, info={"step": module.global_step}, overwrite=True)
+    tokenizer = run_dir / TOKENIZER_DIR
+    if tokenizer.is_dir():
+        shutil.copytree(tokenizer, folder / TOKENIZER_DIR, dirs_exist_ok=True)
+    return folder
+
+
+class ExportCheckpoints(Callback):
+    """At the end of training, export the best and the last model as psm checkpoint folders."""
+
+    def on_train_end(self, trainer: L.Trainer, module: PSMTrainingModule) -> None:
+        run_dir = Path(trainer.default_root_dir)
+        # The final step may fall after the last validation: keep last.ckpt at the true final step.
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        if not trainer.is_global_zero:
+            return
+        export_weights(module, None, run_dir / "export" / "last", run_dir)
+        best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.best_model_path), "")
+        if best and Path(best).is_file():
+            state = load_training_state(best)["state_dict"]
+            export_weights(module, state, run_dir / "export" / "best", run_dir)
+        skip_log = getattr(trainer.datamodule, "skip_log", None)
+        if skip_log is not None and skip_log.path is not None:
+            from psm.data.errors import SkipLog
+
+            skipped = SkipLog.read_all(skip_log.path)
+            if skipped:
+                print(f"skipped {len(skipped)} bad samples; report: {skip_log.path}.*.jsonl")
+
+
+class PSMCLI(LightningCLI):
+    """LightningCLI with psm's defaults and a ``--resume`` flag."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last.ckpt")
+        parser.link_arguments("model.seed", "data.seed")
+
+
+def trainer_defaults(run_dir: str = "runs/psm") -> dict[str, Any]:
+    """Defaults every psm run starts from (any of them can be overridden in YAML or on the command line)."""
+    return {
+        "default_root_dir": run_dir,
+        "max_steps": 1000,
+        "max_epochs": -1,
+        "val_check_interval": 500,
+        "check_val_every_n_epoch": None,
+        "num_sanity_val_steps": 0,
+        "use_distributed_sampler": False,  # psm's samplers split the data by rank themselves
+        "gradient_clip_val": 1.0,
+        "log_every_n_steps": 10,
+    }
+
+
+def run_training(argv: Sequence[str]) -> int:
+    """Parse ``argv`` like LightningCLI and fit; returns a process exit code."""
+    cli = PSMCLI(
+        PSMTrainingModule,
+        PSMDataModule,
+        args=list(argv),
+        run=False,
+        trainer_defaults=trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+    )
+    trainer = cli.trainer
+    run_dir = Path(trainer.default_root_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor=MONITOR,
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    # Replace Lightning's default checkpointing (pickles, versioned names) with psm's.
+    trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, ModelCheckpoint)]
+    trainer.callbacks.extend([checkpoint, ExportCheckpoints()])
+    trainer.strategy.checkpoint_io = SafeCheckpointIO()
+    if not trainer.loggers or all(type(lg).__name__ == "TensorBoardLogger" for lg in trainer.loggers):
+        trainer.loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tb")]
+    ckpt_path = None
+    if cli.config.get("resume"):
+        last = ckpt_dir / "last.ckpt"
+        if not last.is_file():
+            print(f"psm train: --resume but no {last}; starting fresh")
+        else:
+            ckpt_path = str(last)
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return 0

@@ -1,0 +1,114 @@
+"""The trainer: a real LightningCLI run on a small real dataset, exports, safe checkpoints, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_raster_manifest
+from psm.models.checkpoint import load_checkpoint
+from psm.training.checkpoint_io import load_training_state, save_training_state
+from psm.training.sampler import StepSampler
+
+
+def _args(manifest: Path, run: Path, steps: int, every: int) -> list[str]:
+    options = {
+        "model.model": "psm-tiny",
+        "data.manifest": manifest,
+        "data.batch_size": 6,
+        "trainer.max_steps": steps,
+        "trainer.val_check_interval": every,
+        "trainer.default_root_dir": run,
+        "trainer.accelerator": "cpu",
+        "trainer.enable_progress_bar": "false",
+        "trainer.enable_model_summary": "false",
+        "trainer.log_every_n_steps": 1,
+    }
+    return [item for key, value in options.items() for item in (f"--{key}", str(value))]
+
+
+def test_step_sampler_resumes_the_same_order_on_any_rank():
+    full = list(StepSampler(10, 3, seed=1, end_step=9))
+    resumed = list(StepSampler(10, 3, seed=1, start_step=4, end_step=9))
+    assert resumed == full[4 * 3 :]
+    # each pass over the data sees every sample once, and passes follow each other
+    first_pass = [i for i, epoch in full if epoch == 0]
+    assert sorted(first_pass) == list(range(10))
+    # two ranks interleave global batches and together see each sample once per pass
+    r0 = list(StepSampler(12, 3, seed=1, rank=0, world_size=2, end_step=2))
+    r1 = list(StepSampler(12, 3, seed=1, rank=1, world_size=2, end_step=2))
+    assert sorted(i for i, _ in r0 + r1) == list(range(12))
+
+
+def test_training_state_round_trips_without_pickle(tmp_path):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-3, betas=(0.9, 0.98))
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    state = {
+        "epoch": 1,
+        "global_step": 5,
+        "optimizer_states": [opt.state_dict()],
+        "best": float("inf"),
+        "path": str(tmp_path / "checkpoints" / "best.ckpt"),
+        "nested": {"betas": (0.9, 0.98), "none": None},
+    }
+    save_training_state(state, tmp_path / "checkpoints" / "last.ckpt")
+    back = load_training_state(tmp_path / "checkpoints" / "last.ckpt")
+    assert back["global_step"] == 5 and back["best"] == float("inf") and back["nested"]["betas"] == (0.9, 0.98)
+    assert back["path"] == str((tmp_path / "checkpoints" / "best.ckpt").resolve())
+    assert torch.equal(back["optimizer_states"][0]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert str(tmp_path) not in (tmp_path / "checkpoints" / "last.ckpt").read_bytes()[:20000].decode("latin-1")
+    with pytest.raises(TypeError, match="without pickle"):
+        save_training_state({"bad": object()}, tmp_path / "x.ckpt")
+    assert not list((tmp_path).glob(".x.ckpt.*"))  # nothing half-written left behind
+
+
+def test_train_exports_best_and_last_and_logs_validation(tmp_path):
+    from psm.training.train import run_training
+
+    manifest = make_raster_manifest(tmp_path)
+    run = tmp_path / "run"
+    assert run_training(_args(manifest, run, steps=4, every=2)) == 0
+    for name in ("best", "last"):
+        _, extra = load_checkpoint(run / "export" / name)
+        assert (run / "export" / name / "tokenizer" / "tokenizer.json").is_file()
+        assert set(extra) == {"loss.criterion.shift", "loss.criterion.negative_scale"}
+    metrics = pd.read_csv(next((run / "logs").glob("version_*/metrics.csv")))
+    assert {"val/i2s_r10", "val/s2i_median_rank", "train/loss"} <= set(metrics.columns)
+    assert load_training_state(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_step_count(tmp_path):
+    manifest = make_raster_manifest(tmp_path)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "psm.cli", "train", *_args(manifest, run, steps=12, every=3)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if last.is_file() and load_training_state(last)["global_step"] >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # mid-run: no chance to clean up
+    proc.wait()
+    killed_at = load_training_state(last)["global_step"]
+    assert 3 <= killed_at < 12
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):  # every checkpoint under a final name is whole
+        load_training_state(ckpt)
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_training_state(last)["global_step"] == 12
+    assert load_training_state(run / "checkpoints" / "best.ckpt")["global_step"] in (3, 6, 9, 12)
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    load_checkpoint(run / "export" / "best")
