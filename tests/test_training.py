@@ -112,3 +112,19 @@ def test_killed_run_resumes_to_the_same_step_count(tmp_path):
     assert load_training_state(run / "checkpoints" / "best.ckpt")["global_step"] in (3, 6, 9, 12)
     assert not list((run / "checkpoints").glob(".*.tmp"))
     load_checkpoint(run / "export" / "best")
+
+
+def test_train_from_packed_shards(tmp_path):
+    from psm.cli import main as cli_main
+    from psm.data.text import build_bpe_tokenizer
+    from psm.training.train import run_training
+
+    manifest = make_raster_manifest(tmp_path, n=12, val_every=3)
+    for split in ("train", "val"):
+        assert cli_main(["data", "pack", str(manifest), str(tmp_path / "shards"), "--split", split]) == 0
+    build_bpe_tokenizer(["sound number with birds"] * 10, vocab_size=300).save_pretrained(tmp_path / "tok")
+    args = _args(manifest, tmp_path / "run", steps=3, every=3)
+    i = args.index("--data.manifest")
+    args[i : i + 2] = ["--data.shards", str(tmp_path / "shards"), "--data.tokenizer", str(tmp_path / "tok")]
+    assert run_training(args) == 0
+    assert load_training_state(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from psm.data.dataset import ManifestDataset, make_collate
 from psm.data.errors import OnError, SkipLog
+from psm.data.imagery_sources import get_imagery_source
 from psm.data.manifest import read_manifest
 from psm.data.text import build_bpe_tokenizer, load_tokenizer
 from psm.training.sampler import StepSampler
@@ -20,7 +21,12 @@ TOKENIZER_DIR = "tokenizer"
 
 
 class PSMDataModule(L.LightningDataModule):
-    """Batches of one imagery source from a manifest's ``train`` and ``val`` splits.
+    """Batches of one imagery source from a manifest's ``train`` and ``val`` splits, or from tar shards.
+
+    Shards: ``shards`` is a folder of ``train-*.tar`` / ``val-*.tar`` written by ``psm data pack``
+    (``shard_format="psm"``), or the authors' GeoSound/SoundingEarth shards (``shard_format="official"``,
+    which needs ``allow_pickle=True``: their audio members are pickles). Shard training is epoch based
+    (a resumed run restarts the interrupted epoch); manifest training resumes at the exact sample.
 
     ``tokenizer`` is a local folder (e.g. a saved CLAP/RoBERTa tokenizer) or ``"bpe"`` to train a small
     byte-level BPE on the training captions (tiny models, the offline world); it is saved in the run folder
@@ -30,7 +36,7 @@ class PSMDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        manifest: str,
+        manifest: str | None = None,
         imagery_source: str = "sentinel2",
         batch_size: int = 128,
         val_batch_size: int | None = None,
@@ -43,8 +49,18 @@ class PSMDataModule(L.LightningDataModule):
         val_zoom: int | None = None,
         seed: int = 0,
         on_error: OnError = "skip",
+        shards: str | None = None,
+        shard_format: str = "psm",
+        allow_pickle: bool = False,
+        official_dataset: str = "auto",
     ) -> None:
         super().__init__()
+        if (manifest is None) == (shards is None):
+            raise ValueError("give exactly one of data.manifest and data.shards")
+        if shards is not None and tokenizer == "bpe":
+            raise ValueError("with shards, give data.tokenizer as a tokenizer folder ('bpe' reads a manifest)")
+        if shard_format not in ("psm", "official"):
+            raise ValueError(f"shard_format must be 'psm' or 'official', got {shard_format!r}")
         self.save_hyperparameters()
         self.tokenizer: Any = None
         self.train_set: ManifestDataset | None = None
@@ -94,16 +110,65 @@ class PSMDataModule(L.LightningDataModule):
             on_error=hp.on_error,
             skip_log=self.skip_log,
         )
+        if hp.shards is not None:
+            self._setup_shards(stage, cfg.image.img_size)
+            return
         if stage in (None, "fit"):
             self.train_set = ManifestDataset(hp.manifest, train=True, split=hp.train_split, **common)
         if stage in (None, "fit", "validate"):
             self.val_set = ManifestDataset(hp.manifest, train=False, split=hp.val_split, zoom=hp.val_zoom, **common)
 
+    def _setup_shards(self, stage: str | None, input_size: int) -> None:
+        from psm.data.imagery import SatelliteView
+        from psm.data.shards import OfficialShardDataset, ShardDataset, ShardDecoder
+
+        hp, trainer = self.hparams, self.trainer
+        for split, train in ((hp.train_split, True), (hp.val_split, False)):
+            if stage == "validate" and train:
+                continue
+            # Shard validation needs a fixed zoom (default: the largest); manifest validation draws one per
+            # sample from its own generator.
+            levels = get_imagery_source(hp.imagery_source).zoom_levels
+            zoom = None if train else (hp.val_zoom or max(levels))
+            view = SatelliteView(hp.imagery_source, train=train, zoom=zoom, input_size=input_size)
+            common = dict(
+                prefix=split,
+                seed=hp.seed,
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+                even="pad" if train else None,
+                on_error=hp.on_error,
+                error_log=self.run_dir / f"skipped-{split}.jsonl",
+            )
+            if hp.shard_format == "official":
+                ds = OfficialShardDataset(
+                    hp.shards, view, dataset=hp.official_dataset, train=train, allow_pickle=hp.allow_pickle, **common
+                )
+            else:
+                ds = ShardDataset(hp.shards, ShardDecoder(view=view), shuffle=train, **common)
+            if train:
+                self.train_set = ds
+            else:
+                self.val_set = ds
+
     def _collate(self):
         return make_collate(self.spec, self.tokenizer, pad_to=self.hparams.pad_to)
 
+    def on_train_epoch_start_hook(self, epoch: int) -> None:
+        """Shard datasets reshuffle per epoch (DataLoader workers are re-created each epoch)."""
+        if hasattr(self.train_set, "set_epoch") and self.hparams.shards is not None:
+            self.train_set.set_epoch(epoch)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
+        if self.hparams.shards is not None:
+            return DataLoader(
+                self.train_set,
+                batch_size=self.hparams.batch_size,
+                collate_fn=self._collate(),
+                num_workers=self.hparams.num_workers,
+                persistent_workers=False,
+            )
         accumulate = trainer.accumulate_grad_batches
         if trainer.max_steps is None or trainer.max_steps < 0:
             raise ValueError("psm training is step based: set trainer.max_steps")
@@ -127,6 +192,13 @@ class PSMDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        if self.hparams.shards is not None:  # the shard reader splits by rank itself
+            return DataLoader(
+                self.val_set,
+                batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
+                collate_fn=self._collate(),
+                num_workers=self.hparams.num_workers,
+            )
         # Each rank takes a contiguous share; the module gathers the embeddings before ranking.
         n, rank, world = len(self.val_set), self.trainer.global_rank, self.trainer.world_size
         share = list(range(rank * n // world, (rank + 1) * n // world))

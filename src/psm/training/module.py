@@ -121,6 +121,11 @@ class PSMTrainingModule(L.LightningModule):
         self._last_step_time = now
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "on_train_epoch_start_hook"):
+            datamodule.on_train_epoch_start_hook(self.current_epoch)
+
     def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         self.loss_fn.clamp_()  # GeoCLAP keeps its logit scale in [1, ln 100]; a no-op otherwise
 
