@@ -17,6 +17,7 @@ from torch import Tensor
 
 from psm.data.audio import clap_fusion_features
 from psm.data.batch import Batch
+from psm.data.imagery_sources import get_imagery_source
 from psm.losses import TriModalLoss
 from psm.models.factory import create_model
 from psm.models.heads import GaussianEmbedding
@@ -31,6 +32,8 @@ class PSMTrainingModule(L.LightningModule):
         self,
         model: str = "psm-tiny",
         model_overrides: dict[str, Any] | None = None,
+        imagery_source: str | None = None,
+        metadata_types: list[str] | None = None,
         satmae_checkpoint: str | None = None,
         init_from: str | None = None,
         loss: str = "pcmepp",
@@ -51,6 +54,9 @@ class PSMTrainingModule(L.LightningModule):
     ) -> None:
         """``model`` is an architecture name or YAML; ``init_from`` a psm checkpoint folder to start from.
 
+        ``imagery_source`` (linked from the data's) sets the GSD and zoom levels; ``metadata_types`` the
+        metadata the fusion uses (``[]``: none, the paper's "without metadata" runs).
+
         ``decay_loss_scalars=True`` applies weight decay to the loss's a, b, τ as the official code does;
         ``metadata_dropout_in_validation=True`` reproduces the official validation (see faithfulness.md).
         """
@@ -59,6 +65,13 @@ class PSMTrainingModule(L.LightningModule):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         overrides = dict(model_overrides or {})
+        if imagery_source is not None:
+            source = get_imagery_source(imagery_source)
+            image = dict(overrides.get("image", {}))
+            image.update(imagery_source=source.name, zoom_levels=list(source.zoom_levels))
+            overrides["image"] = image
+        if metadata_types is not None:
+            overrides["metadata"] = {**overrides.get("metadata", {}), "types": list(metadata_types)}
         # The loss decides the heads: PCME++ needs Gaussian embeddings, InfoNCE deterministic ones.
         overrides.setdefault("probabilistic", loss == "pcmepp")
         if init_from:

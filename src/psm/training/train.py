@@ -72,6 +72,7 @@ class PSMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last.ckpt")
         parser.link_arguments("model.seed", "data.seed")
+        parser.link_arguments("data.imagery_source", "model.imagery_source")
 
 
 def trainer_defaults(run_dir: str = "runs/psm") -> dict[str, Any]:
