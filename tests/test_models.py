@@ -193,3 +193,23 @@ def test_deterministic_baseline_has_no_sigma():
     assert all(out[k].logvar is None for k in out)
     assert torch.allclose(out["image"].mean.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert not any("logvar_head" in k for k in model.state_dict())
+
+
+def test_clap_towers_load_from_a_local_folder(tmp_path, tiny_model):
+    # A saved CLAP tower (as a user would keep a local copy of laion/clap-htsat-fused) is loaded offline.
+    tiny_model.audio.tower.clap.save_pretrained(tmp_path / "clap-audio")
+    tiny_model.text.tower.clap.save_pretrained(tmp_path / "clap-text")
+    model = create_model(
+        "psm-tiny",
+        overrides={
+            "audio": {"pretrained": str(tmp_path / "clap-audio")},
+            "text": {"pretrained": str(tmp_path / "clap-text")},
+        },
+        seed=1,
+    )
+    for ours, theirs in (
+        (model.audio.tower.clap, tiny_model.audio.tower.clap),
+        (model.text.tower.clap, tiny_model.text.tower.clap),
+    ):
+        for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
