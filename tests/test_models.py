@@ -213,3 +213,22 @@ def test_clap_towers_load_from_a_local_folder(tmp_path, tiny_model):
     ):
         for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
             assert torch.equal(a, b), name
+
+
+def test_is_longer_is_forced_by_default_and_per_clip_on_request():
+    forced = create_model("psm-tiny", seed=0).eval()
+    feats = torch.randn(3, 4, 1001, 64)
+    with torch.no_grad():
+        a = forced.encode_audio(feats, torch.tensor([True, False, False])).mean
+        b = forced.encode_audio(feats, torch.tensor([False, False, False])).mean
+    assert torch.equal(a, b)  # official: every clip takes the fusion path whatever its flag
+    per_clip = create_model("psm-tiny", overrides={"audio": {"force_is_longer": False}}, seed=0)
+    with torch.no_grad():
+        per_clip.eval()
+        c = per_clip.encode_audio(feats, torch.tensor([True, False, False])).mean
+        d = per_clip.encode_audio(feats, torch.tensor([False, False, False])).mean
+        assert not torch.allclose(c[0], d[0]) and torch.allclose(c[1:], d[1:], atol=1e-6)
+        # training with a single long clip in the batch (fusion BatchNorm over one sample) works
+        per_clip.train()
+        per_clip.encode_audio(feats, torch.tensor([True, False, False]))
+    assert all(bn.training for bn in per_clip.audio.tower._fusion_norms)

@@ -41,6 +41,11 @@ class AudioTower(nn.Module):
         self.clap = _build(ClapAudioModelWithProjection, ClapAudioConfig, cfg, embed_dim)
         self.frozen = cfg.freeze
         self.fusion = bool(self.clap.config.enable_fusion)
+        self.force_is_longer = cfg.force_is_longer
+        # BatchNorms inside the fusion block see only the "longer" clips of a batch (see forward).
+        self._fusion_norms = [
+            m for name, m in self.clap.named_modules() if "fusion_model" in name and isinstance(m, nn.BatchNorm2d)
+        ]
 
     def train(self, mode: bool = True) -> AudioTower:
         super().train(mode)
@@ -60,8 +65,22 @@ class AudioTower(nn.Module):
                 f"is_longer must give one flag per clip ({input_features.shape[0]}), got {tuple(is_longer.shape)}"
             )
         # is_longer is always passed per sample: HF's feature extractor would otherwise flip a random clip
-        # to "longer" when none is, and the official training forced it to True for every clip.
-        out = self.clap(input_features=input_features, is_longer=is_longer.reshape(-1, 1).bool())
+        # to "longer" when none is. The official loader forced it to True for every clip (the default here).
+        flags = is_longer.reshape(-1, 1).bool()
+        if self.force_is_longer:
+            flags = torch.ones_like(flags)
+        # With per-clip flags a training batch can hold a single long clip; the fusion block's BatchNorm
+        # cannot take batch statistics of one sample, so it uses its running statistics for that batch.
+        single = self.training and self.fusion and int(flags.sum()) == 1
+        if single:
+            for bn in self._fusion_norms:
+                bn.eval()
+        try:
+            out = self.clap(input_features=input_features, is_longer=flags)
+        finally:
+            if single:
+                for bn in self._fusion_norms:
+                    bn.train(not self.frozen)
         return out.audio_embeds
 
 

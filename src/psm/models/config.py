@@ -53,6 +53,9 @@ class ClapTowerConfig:
     pretrained: str | None = None
     hf_config: dict[str, Any] = field(default_factory=dict)
     freeze: bool = False
+    # Audio only. The official training and evaluation set is_longer=True for every clip (their loader
+    # forced it), so short, repeat-padded clips also take the fusion path; False uses each clip's own flag.
+    force_is_longer: bool = True
 
 
 @dataclass
