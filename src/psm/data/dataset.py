@@ -94,7 +94,15 @@ class ManifestDataset(Dataset):
     def load(self, index: int, epoch: int | None = None) -> Sample:
         """Load sample ``index`` as drawn in ``epoch`` (default: the current one); raises on bad files."""
         from psm.data.audio import load_audio
-        from psm.data.imagery import ImageryError, load_image, prepare_image, read_raster_window
+        from psm.data.imagery import (
+            EvalTransform,
+            ImageryError,
+            TrainTransform,
+            load_image,
+            prepare_image,
+            read_raster_window,
+            to_float_tensor,
+        )
 
         row = self.rows[index]
         g = sample_generator(self.seed, self.epoch if epoch is None else epoch, index)
@@ -104,13 +112,19 @@ class ManifestDataset(Dataset):
             zoom = int(levels[int(torch.randint(len(levels), (1,), generator=g))])
         path = row.images[self.source.name]
         if path.suffix.lower() in RASTER_SUFFIXES:
-            raw = read_raster_window(
+            # A raster is read as the zoom's ground footprint resampled straight to the tile size (GDAL
+            # "average", overviews when present): the same footprint and size as the official centre crop +
+            # bicubic resize of a full-resolution tile, at a fraction of the cost (docs/faithfulness.md).
+            tile = read_raster_window(
                 path,
                 row.metadata["latitude"],
                 row.metadata["longitude"],
-                size_px=zoom * self.source.tile_size,
-                gsd_m=self.source.base_gsd_m,
+                size_px=self.source.tile_size,
+                gsd_m=zoom * self.source.base_gsd_m,
             )
+            transform = TrainTransform(self.input_size) if self.train else EvalTransform(self.input_size)
+            image = transform(to_float_tensor(tile, name=path), g)
+            return self._sample(row, image, zoom, load_audio)
         else:
             raw = load_image(path)
             # Reject tiles too small for the largest zoom whatever zoom this draw picked: a sample must not
@@ -122,6 +136,9 @@ class ManifestDataset(Dataset):
                     f"{max(self.source.zoom_levels)} needs {need}×{need} px"
                 )
         image = prepare_image(raw, self.source, zoom, self.train, g, input_size=self.input_size, name=path)
+        return self._sample(row, image, zoom, load_audio)
+
+    def _sample(self, row: ManifestRow, image: torch.Tensor, zoom: int, load_audio: Callable) -> Sample:
         waveform = torch.from_numpy(load_audio(row.audio_path))
         return Sample(
             key=row.key,
