@@ -1,0 +1,546 @@
+"""Imagery providers: the raw footprint of a map point from local rasters, an XYZ tile server or a folder.
+
+One interface, :class:`ImageryProvider`: ``read(lat, lon, size_px, gsd_m)`` returns the ground square of
+``size_px × gsd_m`` metres centred on the point as HWC uint8, or **None when there is no imagery** (the
+point becomes nodata in every output map, never a zero score). ``read_masked`` also returns a per-pixel
+validity mask (None = all valid) so the indexer can read the largest zoom footprint once and decide
+validity per zoom on its central crops. ``read_many`` reads a batch with a thread pool.
+
+Errors that concern one point (a corrupt file, a tile server giving up) are recorded as
+:class:`~psm.data.errors.DataProblem` in ``provider.problems`` (and the optional :class:`SkipLog`) and
+the point reads as None; programming errors propagate.
+
+Providers:
+
+* :class:`RasterProvider` — one or many GeoTIFF/COG/VRT files in any CRS. A simple bounds index (lat/lon
+  bounds of each file, no R-tree) picks the files containing the point, deepest first; the window is
+  read with :func:`psm.data.imagery.read_raster_window` (reprojection/resampling by its WarpedVRT path;
+  boundless with a validity mask near edges or where the file has nodata, a plain read deep inside
+  files without nodata). Each thread keeps its own open datasets
+  (GDAL handles are not thread-safe). A footprint straddling two files takes the file that covers most
+  of it; give a VRT (``gdalbuildvrt``) for a seamless mosaic.
+* :class:`XYZProvider` — an XYZ tile layer (:mod:`psm.maps.tiles`).
+* :class:`FolderProvider` — a folder of images with a CSV of their lat/lon (the official layout): the
+  image nearest to the point within ``tolerance_m``, centre-cropped (padded with an invalid margin when
+  too small) to the footprint.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from psm.data.errors import DataProblem, SkipLog
+
+Masked = tuple[np.ndarray, np.ndarray | None]
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+DEG_LAT_M = 111_320.0  # metres per degree of latitude (for coarse degree margins only)
+
+
+class ImageryProvider(ABC):
+    """Where the pixels of a map point come from; see the module docstring for the contract."""
+
+    kind: str = "provider"
+
+    def __init__(self, *, workers: int = 8, skip_log: SkipLog | None = None) -> None:
+        self.workers = max(1, int(workers))
+        self.skip_log = skip_log if skip_log is not None else SkipLog()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # --- to implement -----------------------------------------------------------------------------------
+    @abstractmethod
+    def _read(self, lat: float, lon: float, size_px: int, gsd_m: float) -> Masked | None:
+        """Read the footprint; None = no imagery. May raise for a bad input (recorded by the caller)."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe description for index.json (no absolute paths)."""
+        return {"type": self.kind}
+
+    # --- public ---------------------------------------------------------------------------------------
+    @property
+    def problems(self) -> list[DataProblem]:
+        """Problems recorded so far (corrupt files, failed tiles, ...)."""
+        return self.skip_log.problems
+
+    def record(self, problem: DataProblem) -> None:
+        """Record one problem (thread-safe enough: list.append and line-buffered file appends)."""
+        self.skip_log.record(problem)
+
+    def read_masked(self, lat: float, lon: float, size_px: int, gsd_m: float) -> Masked | None:
+        """(HWC uint8 image, bool validity mask or None if all valid), or None when there is no imagery."""
+        from rasterio.errors import RasterioError
+
+        from psm.data.imagery import ImageryError
+        from psm.maps.tiles import TileFetchError
+
+        if size_px < 1 or not gsd_m > 0:
+            raise ValueError(f"size_px must be ≥ 1 and gsd_m > 0, got {size_px}, {gsd_m}")
+        try:
+            return self._read(float(lat), float(lon), int(size_px), float(gsd_m))
+        except (ImageryError, RasterioError, TileFetchError, OSError) as e:
+            self.record(DataProblem(f"{type(e).__name__}: {e}", key=f"{lat:.6f},{lon:.6f}"))
+            return None
+
+    def read(self, lat: float, lon: float, size_px: int, gsd_m: float, *, min_valid: float = 1.0) -> np.ndarray | None:
+        """The footprint as HWC uint8, or None without imagery (or with less than ``min_valid`` of it)."""
+        out = self.read_masked(lat, lon, size_px, gsd_m)
+        if out is None:
+            return None
+        image, valid = out
+        if valid is not None and float(valid.mean()) < min_valid:
+            return None
+        return image
+
+    def read_many(
+        self,
+        lats: Sequence[float] | np.ndarray,
+        lons: Sequence[float] | np.ndarray,
+        size_px: int,
+        gsd_m: float,
+        *,
+        min_valid: float = 1.0,
+    ) -> list[np.ndarray | None]:
+        """:meth:`read` for many points on the provider's thread pool (``workers`` threads), in order."""
+        pool = self._executor()
+        futures = [
+            pool.submit(self.read, la, lo, size_px, gsd_m, min_valid=min_valid)
+            for la, lo in zip(lats, lons, strict=True)
+        ]
+        return [f.result() for f in futures]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"psm-{self.kind}")
+            return self._pool
+
+    def close(self) -> None:
+        """Stop the thread pool and release files."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def __enter__(self) -> ImageryProvider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Local rasters
+# --------------------------------------------------------------------------------------------------------
+
+
+def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Paths with shell globs expanded (``tiles/*.tif``); GDAL paths such as ``/vsicurl/...`` pass as is."""
+    out: list[str] = []
+    for p in paths:
+        s = os.fspath(p)
+        if any(ch in s for ch in "*?[") and not s.startswith("/vsi"):
+            matched = sorted(glob.glob(s))
+            if not matched:
+                raise FileNotFoundError(f"no raster matches {s!r}")
+            out.extend(matched)
+        else:
+            out.append(s)
+    return out
+
+
+class RasterProvider(ImageryProvider):
+    """Windows of local georeferenced rasters (GeoTIFF/COG/VRT, any CRS); see the module docstring."""
+
+    kind = "raster"
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+        *,
+        bands: Sequence[int] = (1, 2, 3),
+        scale: tuple[float, float] | None = None,
+        workers: int = 8,
+        skip_log: SkipLog | None = None,
+    ) -> None:
+        import rasterio
+        from rasterio.enums import MaskFlags
+        from rasterio.errors import RasterioError
+        from rasterio.warp import transform_bounds
+
+        from psm.data.imagery import ImageryError
+
+        super().__init__(workers=workers, skip_log=skip_log)
+        if isinstance(paths, str | os.PathLike):
+            paths = [paths]
+        self.paths = expand_paths(list(paths))
+        if not self.paths:
+            raise ValueError("RasterProvider needs at least one raster")
+        self.bands = tuple(int(b) for b in bands)
+        self.scale = scale
+        bounds, crss, transforms, shapes, res_m, fast = [], [], [], [], [], []
+        for p in self.paths:
+            try:
+                with rasterio.open(p) as src:
+                    if src.crs is None:
+                        raise ImageryError(f"raster {p} has no CRS")
+                    # Fail now, not once per point: bands and value range are the same for every read.
+                    if any(not 1 <= b <= src.count for b in self.bands):
+                        raise ImageryError(f"raster {p} has {src.count} band(s); asked for bands {list(self.bands)}")
+                    dtypes = {src.dtypes[b - 1] for b in self.bands}
+                    if scale is None and dtypes != {"uint8"}:
+                        raise ImageryError(
+                            f"raster {p} has dtype {'/'.join(sorted(dtypes))}; give scale=(lo, hi) "
+                            f"(--scale LO HI) to map its values to 0-255"
+                        )
+                    bounds.append(transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=21))
+                    crss.append(src.crs)
+                    transforms.append(src.transform)
+                    shapes.append((src.height, src.width))
+                    # No nodata and no mask on the bands, projected: reads deep inside need no mask.
+                    flags = [src.mask_flag_enums[b - 1] for b in self.bands]
+                    fast.append(not src.crs.is_geographic and all(MaskFlags.all_valid in f for f in flags))
+                    if src.crs.is_geographic:
+                        res_m.append(abs(src.res[1]) * DEG_LAT_M)
+                    else:
+                        res_m.append(0.5 * (abs(src.res[0]) + abs(src.res[1])) * src.crs.linear_units_factor[1])
+            except RasterioError as e:
+                raise ImageryError(f"cannot open raster {p}: {e}") from e
+        # The "index": lat/lon bounds of every file as arrays, filtered with one vectorised comparison.
+        self._bounds = np.asarray(bounds, dtype=np.float64).reshape(-1, 4)  # west, south, east, north
+        self._crs = crss
+        self._transforms = transforms
+        self._shapes = shapes
+        self._res_m = res_m
+        self._fast = fast
+        self._local = threading.local()
+        self._opened: list[Any] = []
+        self._opened_lock = threading.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        """File names (not paths), bands and value scaling."""
+        return {
+            "type": self.kind,
+            "files": [Path(p).name for p in self.paths],
+            "bands": list(self.bands),
+            "scale": list(self.scale) if self.scale else None,
+        }
+
+    def _dataset(self, i: int) -> Any:
+        """File ``i`` opened once per thread (GDAL dataset handles must not be shared between threads)."""
+        import rasterio
+
+        cache = getattr(self._local, "datasets", None)
+        if cache is None:
+            cache = self._local.datasets = {}
+        ds = cache.get(i)
+        if ds is None:
+            ds = cache[i] = rasterio.open(self.paths[i])
+            with self._opened_lock:
+                self._opened.append(ds)
+        return ds
+
+    def candidates(self, lat: float, lon: float) -> list[tuple[int, float]]:
+        """Files whose pixels contain the point, as (index, metres from the nearest edge), deepest first."""
+        from rasterio.warp import transform
+
+        b = self._bounds
+        hit = np.nonzero((b[:, 0] <= lon) & (lon <= b[:, 2]) & (b[:, 1] <= lat) & (lat <= b[:, 3]))[0]
+        out = []
+        for i in hit.tolist():
+            xs, ys = transform("EPSG:4326", self._crs[i], [lon], [lat])
+            col, row = ~self._transforms[i] @ (xs[0], ys[0])
+            h, w = self._shapes[i]
+            if not (0 <= col < w and 0 <= row < h):
+                continue  # inside the lat/lon bounds but not the (rotated/curved) raster itself
+            depth_px = min(col, w - col, row, h - row)
+            out.append((i, depth_px * self._res_m[i]))
+        out.sort(key=lambda t: -t[1])
+        return out
+
+    def _read(self, lat: float, lon: float, size_px: int, gsd_m: float) -> Masked | None:
+        from psm.data.imagery import ImageryError, read_raster_window
+
+        best: Masked | None = None
+        best_frac = 0.0
+        half_m = 0.5 * size_px * gsd_m
+        for i, depth_m in self.candidates(lat, lon):
+            if self._fast[i] and depth_m >= half_m:
+                # Probably inside a raster without nodata: a plain read needs no mask (2.5× faster). The
+                # reader checks the footprint exactly and refuses one that sticks out (e.g. rotated).
+                try:
+                    image = read_raster_window(self._dataset(i), lat, lon, size_px, gsd_m, self.bands, scale=self.scale)
+                    return image, None
+                except ImageryError:
+                    pass  # partly outside after all: read it with its mask below
+            image, valid = read_raster_window(
+                self._dataset(i), lat, lon, size_px, gsd_m, self.bands, boundless=True, scale=self.scale
+            )
+            frac = float(valid.mean())
+            if frac >= 1.0:
+                return image, None
+            if frac > best_frac:
+                best, best_frac = (image, valid), frac
+        return best
+
+    def close(self) -> None:
+        """Close every dataset opened by any thread."""
+        super().close()
+        with self._opened_lock:
+            for ds in self._opened:
+                ds.close()
+            self._opened.clear()
+        self._local = threading.local()
+
+
+# --------------------------------------------------------------------------------------------------------
+# XYZ tile servers
+# --------------------------------------------------------------------------------------------------------
+
+
+class XYZProvider(ImageryProvider):
+    """Footprints mosaicked from an XYZ tile layer (``https://host/{z}/{x}/{y}.png``); see psm.maps.tiles."""
+
+    kind = "xyz"
+
+    def __init__(
+        self,
+        url_template: str,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        timeout_s: float = 10.0,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+        concurrency: int = 8,
+        min_zoom: int = 0,
+        max_zoom: int = 19,
+        tile_size: int = 256,
+        memory_tiles: int = 256,
+        workers: int = 8,
+        skip_log: SkipLog | None = None,
+    ) -> None:
+        from psm.maps.tiles import TileClient
+
+        super().__init__(workers=workers, skip_log=skip_log)
+        self.min_zoom, self.max_zoom = int(min_zoom), int(max_zoom)
+        self.client = TileClient(
+            url_template,
+            cache_dir=cache_dir,
+            timeout_s=timeout_s,
+            retries=retries,
+            backoff_s=backoff_s,
+            concurrency=concurrency,
+            memory_tiles=memory_tiles,
+            tile_size=tile_size,
+            on_problem=self.record,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The URL template and zoom range (the cache location is not part of the index)."""
+        return {
+            "type": self.kind,
+            "url": self.client.url_template,
+            "tile_size": self.client.tile_size,
+            "zoom_range": [self.min_zoom, self.max_zoom],
+        }
+
+    def _read(self, lat: float, lon: float, size_px: int, gsd_m: float) -> Masked | None:
+        from psm.maps.tiles import read_footprint
+
+        return read_footprint(self.client, lat, lon, size_px, gsd_m, min_zoom=self.min_zoom, max_zoom=self.max_zoom)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A folder of images with a CSV of their locations
+# --------------------------------------------------------------------------------------------------------
+
+_ID_COLUMNS = ("id", "key", "image_id", "name")
+_LAT_COLUMNS = ("latitude", "lat", "y")
+_LON_COLUMNS = ("longitude", "lon", "lng", "x")
+_PATH_COLUMNS = ("path", "file", "filename", "image", "image_path")
+
+
+def _pick_column(columns: dict[str, str], names: Sequence[str]) -> str | None:
+    for n in names:
+        if n in columns:
+            return columns[n]
+    return None
+
+
+class FolderProvider(ImageryProvider):
+    """The image nearest to the point (within ``tolerance_m``) from a folder + CSV of lat/lon.
+
+    CSV columns (case-insensitive): an id (``id``/``key``), ``latitude``/``lat`` or ``Y`` and
+    ``longitude``/``lon`` or ``X``, and optionally ``path`` (relative to the folder). Without a path column
+    a row's file is ``<id>_<lat>_<lon>.<ext>`` (the official layout; matched on the id, so the number
+    format does not matter) or ``<id>.<ext>``. Images are taken to be centred on their row's point at
+    ``image_gsd_m`` per pixel (default: the GSD asked for); the footprint is their centre crop, resampled
+    when the GSDs differ, with an invalid margin when the image is smaller than the footprint.
+    """
+
+    kind = "folder"
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        csv: str | os.PathLike[str],
+        *,
+        tolerance_m: float = 1000.0,
+        image_gsd_m: float | None = None,
+        cache_images: int = 32,
+        workers: int = 8,
+        skip_log: SkipLog | None = None,
+    ) -> None:
+        import pandas as pd
+
+        super().__init__(workers=workers, skip_log=skip_log)
+        self.folder = Path(folder)
+        self.csv = Path(csv)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.folder}")
+        table = pd.read_csv(self.csv, dtype=str)  # ids stay text ("00123" is not 123)
+        cols = {c.strip().lower(): c for c in table.columns}
+        lat_c, lon_c = _pick_column(cols, _LAT_COLUMNS), _pick_column(cols, _LON_COLUMNS)
+        id_c, path_c = _pick_column(cols, _ID_COLUMNS), _pick_column(cols, _PATH_COLUMNS)
+        if lat_c is None or lon_c is None:
+            raise ValueError(f"{self.csv}: needs latitude/longitude (or Y/X) columns, has {list(table.columns)}")
+        if id_c is None and path_c is None:
+            raise ValueError(f"{self.csv}: needs an id (or key) column or a path column")
+        lat = pd.to_numeric(table[lat_c], errors="coerce").to_numpy(np.float64)
+        lon = pd.to_numeric(table[lon_c], errors="coerce").to_numpy(np.float64)
+        if path_c is not None:
+            files = [str(p) for p in table[path_c]]
+        else:
+            by_id = self._scan_folder()
+            files = [by_id.get(str(i)) for i in table[id_c]]
+        keep = np.array([f is not None for f in files], dtype=bool) & np.isfinite(lat) & np.isfinite(lon)
+        keep &= np.abs(np.nan_to_num(lat)) <= 90
+        for row in np.nonzero(~keep)[0][:100].tolist():
+            self.record(DataProblem("no image file or bad lat/lon", file=self.csv.name, row=int(row)))
+        # Sorted by latitude: a query looks only at the band of rows within the tolerance.
+        order = np.argsort(lat[keep], kind="stable")
+        self._lat = lat[keep][order]
+        self._lon = lon[keep][order]
+        kept_files = [f for f, k in zip(files, keep, strict=True) if k]
+        self._files = [kept_files[i] for i in order.tolist()]
+        if not self._files:
+            raise ValueError(f"{self.csv}: no row has both a readable location and an image file in {self.folder}")
+        self.tolerance_m = float(tolerance_m)
+        self.image_gsd_m = image_gsd_m
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_size = int(cache_images)
+        self._cache_lock = threading.Lock()
+
+    def _scan_folder(self) -> dict[str, str]:
+        """id → file name for ``<id>_<lat>_<lon>.<ext>`` and ``<id>.<ext>`` files (one directory scan)."""
+        out: dict[str, str] = {}
+        with os.scandir(self.folder) as it:
+            for entry in it:
+                stem, ext = os.path.splitext(entry.name)
+                if ext.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                out.setdefault(stem, entry.name)
+                parts = stem.rsplit("_", 2)
+                if len(parts) == 3:
+                    out.setdefault(parts[0], entry.name)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """CSV name, image count, tolerance."""
+        return {
+            "type": self.kind,
+            "csv": self.csv.name,
+            "images": len(self._files),
+            "tolerance_m": self.tolerance_m,
+            "image_gsd_m": self.image_gsd_m,
+        }
+
+    def nearest(self, lat: float, lon: float) -> tuple[int, float] | None:
+        """(row, distance in m) of the nearest image within the tolerance, else None."""
+        from psm.maps.grid import haversine_m
+
+        dlat = self.tolerance_m / DEG_LAT_M * 1.01
+        lo = int(np.searchsorted(self._lat, lat - dlat, side="left"))
+        hi = int(np.searchsorted(self._lat, lat + dlat, side="right"))
+        if hi <= lo:
+            return None
+        d = haversine_m(lat, lon, self._lat[lo:hi], self._lon[lo:hi])
+        j = int(np.argmin(d))
+        return (lo + j, float(d[j])) if d[j] <= self.tolerance_m else None
+
+    def _image(self, i: int) -> np.ndarray:
+        from psm.data.imagery import load_image
+
+        with self._cache_lock:
+            if i in self._cache:
+                self._cache.move_to_end(i)
+                return self._cache[i]
+        img = load_image(self.folder / self._files[i])
+        with self._cache_lock:
+            self._cache[i] = img
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return img
+
+    def _read(self, lat: float, lon: float, size_px: int, gsd_m: float) -> Masked | None:
+        hit = self.nearest(lat, lon)
+        if hit is None:
+            return None
+        img = self._image(hit[0])
+        native = self.image_gsd_m or gsd_m
+        need = max(1, round(size_px * gsd_m / native))  # image pixels covering the footprint
+        h, w = img.shape[:2]
+        # Centre crop with the torchvision rounding (so it matches CenterCrop), padding outside the image.
+        top, left = round((h - need) / 2.0), round((w - need) / 2.0)
+        canvas = np.zeros((need, need, 3), dtype=np.uint8)
+        valid = np.zeros((need, need), dtype=bool)
+        r0, r1 = max(top, 0), min(top + need, h)
+        c0, c1 = max(left, 0), min(left + need, w)
+        canvas[r0 - top : r1 - top, c0 - left : c1 - left] = img[r0:r1, c0:c1]
+        valid[r0 - top : r1 - top, c0 - left : c1 - left] = True
+        if need != size_px:
+            method = Image.Resampling.BOX if need > size_px else Image.Resampling.BILINEAR
+            canvas = np.asarray(Image.fromarray(canvas).resize((size_px, size_px), method))
+            valid = np.asarray(Image.fromarray(valid.astype(np.uint8) * 255).resize((size_px, size_px), method)) >= 255
+        return (canvas, None) if valid.all() else (canvas, valid)
+
+
+def parse_source(spec: str, **kwargs: Any) -> ImageryProvider:
+    """A provider from a CLI spec: ``raster:PATH[,PATH...]``, ``xyz:URL_TEMPLATE`` or ``folder:DIR,CSV``.
+
+    ``kwargs`` go to the provider's constructor where it takes them (e.g. ``workers``, ``cache_dir``).
+    """
+    import inspect
+
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise ValueError(f"imagery source {spec!r}: expected raster:PATH[,PATH...], xyz:URL or folder:DIR,CSV")
+    kind = kind.lower()
+    classes: dict[str, type[ImageryProvider]] = {
+        "raster": RasterProvider,
+        "xyz": XYZProvider,
+        "folder": FolderProvider,
+    }
+    if kind not in classes:
+        raise ValueError(f"imagery source {spec!r}: unknown kind {kind!r} (raster, xyz or folder)")
+    cls = classes[kind]
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    kw = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+    if kind == "raster":
+        return RasterProvider([p for p in rest.split(",") if p], **kw)
+    if kind == "xyz":
+        return XYZProvider(rest, **kw)
+    parts = rest.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"imagery source {spec!r}: folder needs DIR,CSV")
+    return FolderProvider(parts[0], parts[1], **kw)
