@@ -1112,7 +1112,7 @@ CLAP_MAX_SECONDS = 10.0  # CLAP's max_length_s: longer clips are "longer" (fusio
 
 
 def _load_pickled_tensor(data: bytes, name: str, allow_pickle: bool) -> Tensor:
-    """A tensor from a ``.pyd`` member: torch.load(weights_only) first, then pickle.loads (opted in only)."""
+    """A tensor from a ``.pyd`` member: torch.load with weights_only=True first, then pickle.loads (opted in only)."""
     if not allow_pickle:
         raise PickleNotAllowedError(f"{name}: {_PICKLE_HELP}")
     try:
