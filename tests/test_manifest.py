@@ -194,3 +194,19 @@ def test_pack_cli_writes_shards_skips_bad_rows_and_resumes(faulty_manifest, tmp_
     samples = list(ds)
     assert sorted(s.key for s in samples) == ["s0", "s1", "s2", "s3"]
     assert samples[0].caption.startswith("birds singing") and samples[0].metadata["hour"] == 6
+
+
+def test_dataset_can_compute_clap_features_per_sample(tmp_path):
+    from psm.data.audio import clap_fusion_features
+
+    pd.DataFrame(_write_good_files(tmp_path, 2)).to_csv(tmp_path / "m.csv", index=False)
+    ds = ManifestDataset(
+        tmp_path / "m.csv", imagery_source="sentinel2", train=False, zoom=1, input_size=64, audio_features=True
+    )
+    sample = ds[0]
+    assert sample.waveform is None and sample.audio_features.shape == (4, 1001, 64) and sample.is_longer is False
+    plain = ManifestDataset(tmp_path / "m.csv", imagery_source="sentinel2", train=False, zoom=1, input_size=64)[0]
+    features, _ = clap_fusion_features([plain.waveform])
+    assert torch.equal(features[0], sample.audio_features)
+    batch = make_collate(MetadataSpec())([sample, ds[1]])
+    assert batch.audio_features.shape == (2, 4, 1001, 64) and batch.waveforms is None

@@ -44,8 +44,12 @@ class ManifestDataset(Dataset):
         on_error: OnError = "skip",
         skip_log: SkipLog | None = None,
         time_missing_means_midnight: bool = True,
+        audio_features: bool = False,
     ) -> None:
+        """``audio_features=True`` computes CLAP fusion features per sample here (in DataLoader workers,
+        overlapping the model on CPU training); otherwise samples carry waveforms for the training device."""
         self.path = Path(manifest)
+        self.audio_features = audio_features
         self.source = get_imagery_source(imagery_source)
         self.train = train
         # zoom=None draws a zoom per sample from its (seed, epoch, index) generator: random in training,
@@ -124,7 +128,7 @@ class ManifestDataset(Dataset):
             )
             transform = TrainTransform(self.input_size) if self.train else EvalTransform(self.input_size)
             image = transform(to_float_tensor(tile, name=path), g)
-            return self._sample(row, image, zoom, load_audio)
+            return self._sample(row, image, zoom, load_audio, g)
         else:
             raw = load_image(path)
             # Reject tiles too small for the largest zoom whatever zoom this draw picked: a sample must not
@@ -136,18 +140,22 @@ class ManifestDataset(Dataset):
                     f"{max(self.source.zoom_levels)} needs {need}×{need} px"
                 )
         image = prepare_image(raw, self.source, zoom, self.train, g, input_size=self.input_size, name=path)
-        return self._sample(row, image, zoom, load_audio)
+        return self._sample(row, image, zoom, load_audio, g)
 
-    def _sample(self, row: ManifestRow, image: torch.Tensor, zoom: int, load_audio: Callable) -> Sample:
+    def _sample(
+        self, row: ManifestRow, image: torch.Tensor, zoom: int, load_audio: Callable, g: torch.Generator
+    ) -> Sample:
         waveform = torch.from_numpy(load_audio(row.audio_path))
-        return Sample(
-            key=row.key,
-            image=image,
-            zoom=zoom,
-            metadata=dict(row.metadata),
-            caption=row.caption,
-            waveform=waveform,
-        )
+        sample = Sample(key=row.key, image=image, zoom=zoom, metadata=dict(row.metadata), caption=row.caption)
+        if self.audio_features:
+            from psm.data.audio import clap_fusion_features
+
+            # Random chunks (from this sample's generator) in training, the fixed choice in evaluation.
+            features, is_longer = clap_fusion_features([waveform], generator=g if self.train else None)
+            sample.audio_features, sample.is_longer = features[0], bool(is_longer[0])
+        else:
+            sample.waveform = waveform
+        return sample
 
     def __getitem__(self, item: int | tuple[int, int]) -> Sample | None:
         """Sample ``item`` (an index, or ``(index, epoch)`` from a step sampler); None when it is bad and

@@ -53,6 +53,7 @@ class PSMDataModule(L.LightningDataModule):
         shard_format: str = "psm",
         allow_pickle: bool = False,
         official_dataset: str = "auto",
+        features_in_workers: bool = False,
     ) -> None:
         super().__init__()
         if (manifest is None) == (shards is None):
@@ -109,6 +110,7 @@ class PSMDataModule(L.LightningDataModule):
             input_size=cfg.image.img_size,
             on_error=hp.on_error,
             skip_log=self.skip_log,
+            audio_features=hp.features_in_workers,
         )
         if hp.shards is not None:
             self._setup_shards(stage, cfg.image.img_size)
