@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     world_command.add_parser(sub)
     evaluation_command.add_parser(sub)
 
+    from psm.maps import command as map_index_command
+    from psm.maps import query_command as map_query_command
+
+    maps = sub.add_parser("map", help="soundscape maps: index a region, query it, render COG/PNG/HTML")
+    map_sub = maps.add_subparsers(dest="map_command", required=True)
+    map_index_command.add_index_parser(map_sub)
+    map_query_command.add_query_parsers(map_sub)
+
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("validate", help="check a manifest: schema, value ranges, every file exists and decodes")
     p.add_argument("manifest")

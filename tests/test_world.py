@@ -1,0 +1,477 @@
+"""The embedded offline world (psm.data.world): layout, georeferencing, audio, truth, determinism, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import soundfile as sf
+
+from psm.data.world import generate_world, load_world
+from psm.data.world.rules import EVENT_NAMES, EVENTS, PLATFORMS
+
+CENTRE = (52.45, 12.6)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world") / "tiny"
+    generate_world(out, size="tiny", seed=0)
+    return out
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# layout, manifest, rasters, audio
+
+
+def test_layout_and_world_json(tiny):
+    for name in (
+        "manifest.parquet",
+        "events.parquet",
+        "world.json",
+        "imagery/mosaic.tif",
+        "imagery/landcover.tif",
+        "truth/spatial.tif",
+        "truth/fractions.tif",
+        "truth/m05_h08.tif",
+        "truth/m01_h00.tif",
+    ):
+        assert (tiny / name).is_file(), name
+    assert not any(p.name.startswith(".") for p in tiny.parent.iterdir())  # no staging leftovers
+    w = load_world(tiny)
+    assert w.size == "tiny" and w.seed == 0 and w.info["samples"] == 200
+    assert w.info["crs"] == "EPSG:32633"
+    assert w.info["events"] == list(EVENT_NAMES) and len(EVENT_NAMES) >= 12
+    assert set(w.info["platforms"]) == {"yfcc", "iNat", "aporee", "freesound"}
+    assert w.info["truth"]["layers"]["months"] == [1, 5, 8]
+    assert len(w.info["truth"]["layers"]["files"]) == 15
+
+
+def test_manifest_columns_and_vocabularies(tiny):
+    from psm.data.manifest import read_manifest
+    from psm.data.metadata import OFFICIAL_AUDIO_SOURCES, OFFICIAL_CAPTION_SOURCES
+    from psm.data.world.rules import CAPTION_SOURCES
+
+    assert PLATFORMS == OFFICIAL_AUDIO_SOURCES and CAPTION_SOURCES == OFFICIAL_CAPTION_SOURCES
+
+    m = read_manifest(tiny / "manifest.parquet")
+    assert len(m) == 200 and m["key"].is_unique
+    assert set(m["audio_source"]) <= set(OFFICIAL_AUDIO_SOURCES) and m["audio_source"].nunique() == 4
+    assert set(m["caption_source"]) == set(OFFICIAL_CAPTION_SOURCES)
+    assert (m["image_sentinel2"] == "imagery/mosaic.tif").all()
+    assert set(m["split"]) == {"train", "val", "test"}
+    # freesound gives no time of day; the others do.
+    assert m.loc[m["audio_source"] == "freesound", "hour"].isna().all()
+    assert m.loc[m["audio_source"] != "freesound", "hour"].notna().all()
+
+
+@pytest.mark.slow
+def test_validate_manifest_passes(tiny):
+    from psm.cli import main
+    from psm.data.manifest import validate_manifest
+
+    report = validate_manifest(tiny / "manifest.parquet")
+    assert report.ok, report.format()
+    assert report.problems == []
+    assert main(["data", "validate", str(tiny / "manifest.parquet"), "--no-decode"]) == 0
+
+
+def test_rasters_are_georeferenced(tiny):
+    w = load_world(tiny)
+    with rasterio.open(w.mosaic_path) as src:
+        assert src.crs.to_epsg() == 32633
+        assert src.res == (10.0, 10.0)
+        assert src.count == 3 and src.dtypes == ("uint8",) * 3
+        assert src.profile["tiled"] and src.profile["compress"] == "deflate"
+        assert src.overviews(1)
+        # The region's centre, and every sample, lies inside with room for the zoom-5 window (1280 px).
+        cx, cy = w.grid.to_xy(np.array([CENTRE[0]]), np.array([CENTRE[1]]))
+        row, col = src.index(float(cx[0]), float(cy[0]))
+        assert 0 < row < src.height and 0 < col < src.width
+        m = w.manifest()
+        x, y = w.grid.to_xy(m["latitude"].to_numpy(), m["longitude"].to_numpy())
+        rows, cols = rasterio.transform.rowcol(src.transform, x, y)
+        rows, cols = np.asarray(rows), np.asarray(cols)
+        assert rows.min() >= 640 and cols.min() >= 640
+        assert rows.max() <= src.height - 640 and cols.max() <= src.width - 640
+        tags = src.tags()
+        assert "TIFFTAG_DATETIME" not in tags
+    with rasterio.open(w.landcover_path) as src:
+        assert src.crs.to_epsg() == 32633 and src.dtypes == ("uint8",)
+        assert src.overviews(1) and src.colormap(1)[1][:3] == (38, 92, 168)
+        codes = np.unique(src.read(1, out_shape=(730, 730)))
+        assert set(range(1, 12)) <= set(codes.tolist())  # every class, airport and beach included
+
+
+def test_zoom_windows_see_more_context(tiny):
+    from psm.data.imagery import read_tile_for_zoom
+
+    w = load_world(tiny)
+    row = w.manifest().iloc[0]
+    tiles = [read_tile_for_zoom(w.mosaic_path, row.latitude, row.longitude, "sentinel2", z) for z in (1, 3, 5)]
+    assert all(t.shape == (3, 256, 256) for t in tiles)
+    assert not np.allclose(tiles[0].numpy(), tiles[2].numpy())
+
+
+def test_audio_formats_rates_durations(tiny):
+    from psm.data.audio import load_audio
+
+    w = load_world(tiny)
+    m, ev = w.manifest(), w.events_table()
+    assert set(ev["format"]) == {"flac", "ogg", "wav"}
+    assert set(ev["sample_rate"]) == {16000, 22050, 44100, 48000}
+    assert ev["duration_s"].min() >= 3.0 and ev["duration_s"].max() <= 30.0
+    assert (ev["duration_s"] > 10.0).any()
+    digests = set()
+    for i, path in enumerate(m["audio_path"]):
+        data = (tiny / path).read_bytes()
+        digests.add(hashlib.sha256(data).hexdigest())
+        info = sf.info(io.BytesIO(data))
+        assert info.samplerate == ev["sample_rate"][i]
+        assert Path(path).suffix == "." + ev["format"][i]
+        assert info.frames == pytest.approx(ev["duration_s"][i] * info.samplerate, abs=3)
+    assert len(digests) == len(m)  # no two recordings alike
+    for fmt in ("flac", "ogg", "wav"):
+        i = int(np.flatnonzero(ev["format"] == fmt)[0])
+        x = load_audio(tiny / m["audio_path"][i], 48_000)
+        assert x.dtype == np.float32 and np.isfinite(x).all() and np.abs(x).max() > 1e-3
+
+
+def test_dates_parse_back(tiny):
+    from psm.data.dates import parse_date
+
+    m = load_world(tiny).manifest()
+    ev = load_world(tiny).events_table()
+    for i, row in m.iterrows():
+        parsed = parse_date(row["date"], time_missing_means_midnight=False)
+        assert parsed.month == row["month"], row["date"]
+        if row["audio_source"] == "freesound":
+            assert parsed.hour is None, row["date"]
+        else:
+            assert parsed.hour == ev["true_hour"][i] == row["hour"], row["date"]
+
+
+def test_captions_name_events_with_noise(tiny):
+    ev = load_world(tiny).events_table()
+    m = load_world(tiny).manifest()
+    words = {e.name: e.words for e in EVENTS}
+    named = []
+    for cap, events in zip(m["caption"], ev["events"], strict=True):
+        if len(events):
+            named.append(any(any(wd.lower() in cap.lower() for wd in words[e]) for e in events))
+    rate = float(np.mean(named))
+    assert 0.5 < rate < 0.97  # text helps, but it is not a copy of the labels
+    assert m["caption"].nunique() > 150
+
+
+def test_geographic_split_is_spatial(tiny):
+    m = load_world(tiny).manifest()
+    cells = {s: set(m.loc[m["split"] == s, "split_cell"]) for s in ("train", "val", "test")}
+    assert cells["val"] and cells["test"]
+    assert not (cells["train"] & cells["val"]) and not (cells["train"] & cells["test"])
+    assert not (cells["val"] & cells["test"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# truth
+
+
+def test_truth_function_reproduces_stored_probabilities(tiny):
+    w = load_world(tiny)
+    m, ev = w.manifest(), w.events_table()
+    p = w.probabilities(m["latitude"], m["longitude"], ev["true_hour"], ev["true_month"], m["audio_source"].to_numpy())
+    stored = ev[[f"p_{e}" for e in EVENT_NAMES]].to_numpy()
+    np.testing.assert_allclose(p, stored, rtol=0, atol=1e-12)
+    # The labels were drawn from exactly these probabilities: impossible events never happen.
+    labels = ev[list(EVENT_NAMES)].to_numpy()
+    assert not (labels & (stored == 0)).any()
+    one = w.probability(
+        "traffic",
+        m["latitude"][0],
+        m["longitude"][0],
+        int(ev["true_hour"][0]),
+        int(ev["true_month"][0]),
+        m["audio_source"][0],
+    )
+    assert float(one) == pytest.approx(stored[0, EVENT_NAMES.index("traffic")], abs=1e-12)
+
+
+def test_truth_layers_match_function(tiny):
+    w = load_world(tiny)
+    stored, transform = w.read_layer(5, 8)
+    assert stored.shape[0] == len(EVENT_NAMES)
+    assert transform.a == w.grid.layer_cell_m
+    np.testing.assert_allclose(stored, w.truth.layer(5, 8), atol=0.5e-4 + 1e-7)
+    with rasterio.open(w.layer_path(5, 8)) as src:
+        assert list(src.descriptions) == list(EVENT_NAMES)
+    # Diel rhythm: the dawn chorus belongs to 6 h in May, not to 14 h.
+    dawn = w.truth.layer(5, 6)[EVENT_NAMES.index("dawn_chorus")]
+    noon = w.truth.layer(5, 14)[EVENT_NAMES.index("dawn_chorus")]
+    assert dawn.max() > 0.5 and noon.max() < 0.05
+
+
+def test_truth_rules(tiny):
+    w = load_world(tiny)
+    t = w.truth
+    tx, ty = w.info["structures"]["town_centre_xy"]
+    lon, lat = w.grid.to_lonlat(np.array([tx]), np.array([ty]))
+    # Church bells in the town centre by day, not at night; never at the airport.
+    bells = EVENT_NAMES.index("church_bells")
+    assert t.probabilities(lat, lon, 10, 6)[0, bells] > 0.2
+    assert t.probabilities(lat, lon, 2, 6)[0, bells] < 0.01
+    # Platform odds: a naturalist records birds more, traffic less; aporee is the neutral recorder.
+    neutral = t.probabilities(lat, lon, 8, 5)
+    inat = t.probabilities(lat, lon, 8, 5, "iNat")
+    assert inat[0, EVENT_NAMES.index("bird_song")] >= neutral[0, EVENT_NAMES.index("bird_song")]
+    assert inat[0, EVENT_NAMES.index("traffic")] < neutral[0, EVENT_NAMES.index("traffic")]
+    np.testing.assert_array_equal(t.probabilities(lat, lon, 8, 5, "aporee"), neutral)
+    with pytest.raises(ValueError, match="hour"):
+        t.probabilities(lat, lon, 24, 5)
+    with pytest.raises(ValueError, match="month"):
+        t.probabilities(lat, lon, 3, 0)
+    with pytest.raises(ValueError, match="unknown event"):
+        w.probability("thunder", lat, lon, 3, 5)
+    with pytest.raises(ValueError, match="unknown platform"):
+        t.probabilities(lat, lon, 3, 5, "tiktok")
+
+
+def test_labels_follow_the_truth_statistically(tiny):
+    """20,000 fresh samples: per event, the label count matches Σp (binomial z-test), and per probability
+    decile (all events pooled) the observed rate matches the mean predicted probability."""
+    w = load_world(tiny)
+    plan = w.replan(20_000, seed=123)
+    p, y = plan.probs, plan.labels
+    for j, e in enumerate(EVENT_NAMES):
+        var = float((p[:, j] * (1 - p[:, j])).sum())
+        z = (float(y[:, j].sum()) - float(p[:, j].sum())) / np.sqrt(max(var, 1e-9))
+        assert abs(z) < 4.5, (e, z)
+    pf, yf = p.ravel(), y.ravel()
+    pos = pf > 0
+    edges = np.quantile(pf[pos], np.linspace(0, 1, 11))
+    bins = np.clip(np.searchsorted(edges, pf[pos], side="right") - 1, 0, 9)
+    for b in range(10):
+        sel = bins == b
+        mean_p, rate = pf[pos][sel].mean(), yf[pos][sel].mean()
+        se = np.sqrt(max(mean_p * (1 - mean_p), 1e-6) / sel.sum())
+        assert abs(rate - mean_p) < 4.5 * se + 1e-3, (b, rate, mean_p)
+    # The stored plan is reproduced exactly from the files.
+    again = w.replan(200)
+    np.testing.assert_array_equal(again.labels, w.events_table()[list(EVENT_NAMES)].to_numpy())
+
+
+def test_event_energy_is_in_the_audio(tiny):
+    """Clips labelled with an event carry more energy in that event's band than clips without it."""
+    from scipy.stats import mannwhitneyu
+
+    from psm.data.world.generate import ambience_of
+    from psm.data.world.mixing import render_clip
+
+    w = load_world(tiny)
+    plan = w.replan(500, seed=5, max_short_s=3.0, long_share_scale=0.0)
+    t = plan.table
+    n = 3 * 16000
+    f = np.fft.rfftfreq(n, 1 / 16000)
+    masks = np.stack([(f >= e.band_hz[0]) & (f < e.band_hz[1]) for e in EVENTS])
+    band_db = []
+    for i in range(len(t)):
+        x = render_clip(5, i, 3.0, 16000, plan.snr_db[i], float(t.at[i, "peak_dbfs"]), ambience_of(t, i))
+        power = np.abs(np.fft.rfft(x, n=n)) ** 2
+        band_db.append(10 * np.log10(masks @ power / power.sum() + 1e-12))
+    band_db = np.asarray(band_db)
+    tested = 0
+    for j, e in enumerate(EVENT_NAMES):
+        pos = plan.labels[:, j]
+        if pos.sum() < 15:
+            continue
+        tested += 1
+        assert mannwhitneyu(band_db[pos, j], band_db[~pos, j], alternative="greater").pvalue < 0.01, e
+    assert tested >= 15
+
+
+@pytest.mark.slow
+def test_world_is_learnable_but_not_trivial(tiny):
+    from psm.data.world.baseline import run_on_plan
+
+    r = run_on_plan(tiny, 800, seed=1, max_duration_s=3.0)
+    assert r.audio["accuracy"] > r.chance + 0.08  # clearly above chance
+    assert r.audio["accuracy"] < 0.85  # far below perfect
+    assert r.audio_metadata["accuracy"] >= r.audio["accuracy"]  # platform and hour help
+    assert r.audio_metadata["balanced_accuracy"] > r.audio["balanced_accuracy"] + 0.015
+    aucs = [v for v in r.event_auc.values() if np.isfinite(v)]
+    assert np.mean(aucs) > 0.8
+
+
+# --------------------------------------------------------------------------------------------------------
+# determinism, atomic writes, stream, CLI
+
+
+@pytest.mark.slow
+def test_same_seed_gives_byte_identical_files(tiny, tmp_path):
+    again = tmp_path / "tiny"
+    generate_world(again, size="tiny", seed=0, workers=1)  # the fixture used the default (2 processes)
+    a, b = _hashes(tiny), _hashes(again)
+    assert a.keys() == b.keys()
+    different = [k for k in a if a[k] != b[k]]
+    assert not different, different[:10]
+
+
+def test_refuses_a_folder_that_is_not_a_world(tmp_path):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a world"):
+        generate_world(other, size="tiny", seed=0, extent_km=4, samples=5, overwrite=True)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        generate_world(other, size="tiny", seed=0, extent_km=4, samples=5)
+    assert (other / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_killed_generation_leaves_nothing(tmp_path, monkeypatch):
+    from psm.data.world import generate as gen
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen, "_make_rasters", boom)
+    with pytest.raises(KeyboardInterrupt):
+        generate_world(tmp_path / "w", size="tiny", seed=0, extent_km=4, samples=5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stream_matches_files_and_packs(tiny, tmp_path):
+    from psm.data.shards import iter_shard, pack_records
+    from psm.data.world.stream import iter_samples, iter_shard_records
+
+    w = load_world(tiny)
+    m = w.manifest()
+    for s in iter_samples(w, stop=4):
+        assert s.encoded() == (tiny / m["audio_path"][s.index]).read_bytes()
+        assert s.waveform.dtype == np.float32 and len(s.probabilities) == len(EVENT_NAMES)
+    records = list(iter_shard_records(w, split="val", stop=60, image_format="jpg"))
+    assert records and all(r.meta["split"] == "val" for r in records)
+    report = pack_records(records, tmp_path / "shards", prefix="val", samples_per_shard=4)
+    assert report.num_samples == len(records)
+    first = next(iter(iter_shard(report.out_dir / report.shards[0])))
+    assert first is not None
+
+
+def test_stream_world_has_no_audio(tmp_path):
+    from psm.data.world.stream import iter_samples
+
+    out = tmp_path / "s"
+    info = generate_world(out, size="large", seed=2, extent_km=4, samples=40, stream=True)
+    assert info.stream and info.samples == 40
+    assert not (out / "audio").exists() and not (out / "manifest.parquet").exists()
+    assert (out / "plan.parquet").is_file()
+    w = load_world(out)
+    assert w.streamed and len(w.manifest()) == 40
+    s = next(iter_samples(w))
+    assert s.waveform.size == pytest.approx(s.sample_rate * w.events_table()["duration_s"][0], abs=3)
+    assert set(w.manifest()["audio_source"]) <= set(PLATFORMS)
+
+
+def test_cli_generate_refuse_overwrite(tmp_path, capsys):
+    from psm.cli import main
+
+    out = tmp_path / "cli"
+    args = [
+        "world",
+        "generate",
+        "--out",
+        str(out),
+        "--size",
+        "tiny",
+        "--seed",
+        "7",
+        "--samples",
+        "10",
+        "--extent-km",
+        "4",
+        "--centre",
+        "48.2,11.1",
+        "--seasons",
+        "1",
+        "--workers",
+        "1",
+    ]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "world tiny (seed 7)" in text and "EPSG:32632" in text
+    assert (out / "imagery" / "mosaic_m01.tif").is_file()
+    first = _hashes(out)
+    assert main(args) == 2  # an existing world is refused ...
+    assert "overwrite" in capsys.readouterr().err
+    assert _hashes(out) == first
+    assert main([*args[:7], "8", *args[8:], "--overwrite"]) == 0  # ... unless asked; another seed differs
+    second = _hashes(out)
+    assert {k for k in first if not k.startswith("audio/")} == {k for k in second if not k.startswith("audio/")}
+    assert first["imagery/mosaic.tif"] != second["imagery/mosaic.tif"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    capsys.readouterr()
+    assert main(["world", "info", str(out)]) == 0
+    assert "samples 10" in capsys.readouterr().out
+    pic = tmp_path / "p.png"
+    assert main(["world", "picture", str(out), str(pic)]) == 0
+    assert pic.stat().st_size < 300_000
+    with pytest.raises(SystemExit):
+        main(["world", "generate", "--out", str(out), "--centre", "north"])
+
+
+def test_ogg_encoding_is_deterministic():
+    from psm.data.world.mixing import _ogg_crc, encode
+
+    x = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32)
+    a, b = encode(x, 16000, "ogg", serial=99), encode(x, 16000, "ogg", serial=99)
+    assert a == b and a[14:18] == (99).to_bytes(4, "little")
+    y, sr = sf.read(io.BytesIO(a))
+    assert sr == 16000 and len(y) == 16000
+
+    def reference(data: bytes) -> int:
+        crc = 0
+        for byte in data:
+            crc ^= byte << 24
+            for _ in range(8):
+                crc = ((crc << 1) ^ 0x04C11DB7) & 0xFFFFFFFF if crc & 0x80000000 else (crc << 1) & 0xFFFFFFFF
+        return crc
+
+    sample = bytes(range(256)) * 2
+    assert _ogg_crc(sample) == reference(sample)
+
+
+def test_generate_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="size"):
+        generate_world(tmp_path / "a", size="huge")
+    with pytest.raises(ValueError, match="seed"):
+        generate_world(tmp_path / "a", seed=-1)
+    with pytest.raises(ValueError, match="extent"):
+        generate_world(tmp_path / "a", extent_km=1)
+    assert not list(tmp_path.iterdir())
+
+
+def test_tables_agree(tiny):
+    w = load_world(tiny)
+    m, ev = w.manifest(), w.events_table()
+    assert (m["key"] == ev["key"]).all() and (m["split"] == ev["split"]).all()
+    labels = ev[list(EVENT_NAMES)].to_numpy()
+    assert (ev["n_events"] == labels.sum(axis=1)).all()
+    assert all(
+        list(row) == [e for e, on in zip(EVENT_NAMES, lab, strict=True) if on]
+        for row, lab in zip(ev["events"], labels, strict=True)
+    )
+    snr = ev[[f"snr_{e}" for e in EVENT_NAMES]].to_numpy()
+    assert (np.isfinite(snr) == labels).all()
+    names = {c["name"] for c in w.info["classes"]}
+    assert set(ev["landcover"]) <= names and set(ev["dominant_landcover"]) <= names
