@@ -117,7 +117,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from psm.demo import run_demo
 
-    return run_demo(seed=args.seed)
+    return run_demo(seed=args.seed, out=args.out, size=args.size, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main job end to end on the embedded offline default")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/demo", help="where every step writes (reused: the world is kept)")
+    p.add_argument("--size", default="tiny", choices=("tiny", "demo"), help="offline world size")
+    p.add_argument("--steps", type=int, default=120, help="training steps")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("models", help="list the shipped model architectures")
