@@ -502,3 +502,18 @@ def test_score_kernel_threads_and_block_edges():
         out = score_arrays(mean, const, q, 0.5, np.empty(n, np.float32), block_rows=rows, threads=threads)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4, equal_nan=True)
     assert torch.get_num_threads() == 2  # the caller's thread setting is restored
+
+
+@pytest.mark.slow
+def test_compiled_scorer_matches_blocks(env, tmp_path):
+    """The optional fused torch.compile kernel (compiles once, ~20 s cold) gives the block kernel's scores."""
+    cond = condition(env["index"], env["model"], 1, SETTING, cache_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a silent fallback would make this test meaningless
+        fused = score(cond, env["query"], scorer="compiled")
+    blocks = score(cond, env["query"], scorer="blocks")
+    np.testing.assert_allclose(fused, blocks, atol=1e-5, equal_nan=True)
+    ids, _ = top_k(cond, env["query"], 10, scorer="compiled")
+    np.testing.assert_array_equal(ids, top_k(cond, env["query"], 10)[0])
+    with pytest.raises(MapQueryError, match="unknown scorer"):
+        score(cond, env["query"], scorer="gpu")

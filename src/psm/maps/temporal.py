@@ -78,6 +78,7 @@ def temporal_maps(
     batch_size: int = 4096,
     device: str | torch.device | None = None,
     precision: str = "float32",
+    scorer: str | None = None,
 ) -> TemporalMaps:
     """One query over ``hours`` or ``months`` (the other metadata from ``base``) with one shared scale.
 
@@ -110,7 +111,7 @@ def temporal_maps(
             device=device,
             precision=precision,
         )
-        raws.append(score(cond, query))
+        raws.append(score(cond, query, scorer=scorer))
         settings.append(cond.setting)
         conds.append(cond)
     label = score_label(conds[0].probabilistic)
