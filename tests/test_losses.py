@@ -494,3 +494,21 @@ def test_trimodal_distributed_modes_without_process_group_equal_single_device(ki
     assert rel(TriModalLoss(kind, distributed=mode).double()(emb)[0].item(), single.item()) < 1e-13
     x = torch.randn(3, 2)
     assert all_gather_with_grad(x) is x
+
+
+def test_calibrated_shift_starts_pairs_at_the_base_rate():
+    from psm.losses import calibrated_shift
+
+    # Random unit means and the heads' initial log σ² = −4: the typical pair starts at the log-odds of 1/(B−1).
+    g = torch.Generator().manual_seed(0)
+    n, d, a = 64, 32, 5.0
+    mu_p = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    mu_q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    logvar = torch.full((n, d), -4.0)
+    b = calibrated_shift(a, d, -4.0, n)
+    logits = -a * csd(mu_p, logvar, mu_q, logvar) + b
+    assert abs(float(logits.median()) + math.log(n - 1)) < 0.5
+    # the official shift of 5 starts the typical pair orders of magnitude below the base rate
+    assert float((logits - b + 5.0).median()) < -math.log(n - 1) - 5
+    with pytest.raises(ValueError, match="batch of at least 2"):
+        calibrated_shift(a, d, -4.0, 1)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import make_raster_manifest
+from psm.losses import calibrated_shift
 from psm.models.checkpoint import load_checkpoint
 from psm.training.checkpoint_io import load_training_state, save_training_state
 from psm.training.sampler import StepSampler
@@ -76,11 +77,14 @@ def test_train_exports_best_and_last_and_logs_validation(tmp_path):
 
     manifest = make_raster_manifest(tmp_path)
     run = tmp_path / "run"
-    assert run_training(_args(manifest, run, steps=4, every=2)) == 0
+    args = _args(manifest, run, steps=4, every=2) + ["--model.init_shift", "calibrated"]
+    assert run_training(args) == 0
     for name in ("best", "last"):
         _, extra = load_checkpoint(run / "export" / name)
         assert (run / "export" / name / "tokenizer" / "tokenizer.json").is_file()
         assert set(extra) == {"loss.criterion.shift", "loss.criterion.negative_scale"}
+    # the calibrated PCME++ shift was set from the batch size before training (4 steps of lr 5e-5 move it little)
+    assert abs(float(extra["loss.criterion.shift"]) - calibrated_shift(5.0, 32, -4.0, 6)) < 0.01
     metrics = pd.read_csv(next((run / "logs").glob("version_*/metrics.csv")))
     assert {"val/i2s_r10", "val/s2i_median_rank", "train/loss"} <= set(metrics.columns)
     assert load_training_state(run / "checkpoints" / "last.ckpt")["global_step"] == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -475,3 +476,45 @@ def test_tables_agree(tiny):
     assert (np.isfinite(snr) == labels).all()
     names = {c["name"] for c in w.info["classes"]}
     assert set(ev["landcover"]) <= names and set(ev["dominant_landcover"]) <= names
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    from psm.maps.agreement import spearman
+
+    a = np.array([1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 4.0])
+    b = np.array([0.1, 0.3, 0.2, 0.2, 0.9, 0.7, 0.7])
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert np.isnan(spearman(np.ones(5), b[:5])) and np.isnan(spearman(a[:2], b[:2]))
+
+
+def test_map_agreement_with_the_truth(tiny, tmp_path):
+    """`psm map agreement`: a real index over the world's mosaic, Spearman ρ per event and hour, JSON + table."""
+    from psm.cli import main as psm
+    from test_map_query import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path)
+    bounds = json.loads((tiny / "world.json").read_text())["region_lonlat_bounds"]
+    index = tmp_path / "index"
+    assert psm(["map", "index", "--checkpoint", str(ckpt), "--bbox", *map(str, bounds), "--spacing-m", "1500",
+                "--source", f"raster:{tiny / 'imagery' / 'mosaic.tif'}", "--zoom", "1", "--out", str(index),
+                "--no-progress"]) == 0  # fmt: skip
+    out = tmp_path / "agreement"
+    events = ["dawn_chorus", "traffic", "waves"]
+    assert psm(["map", "agreement", "--index", str(index), "--checkpoint", str(ckpt), "--world", str(tiny),
+                "--month", "5", "--hours", "6", "14", "--events", *events, "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["num_points"] > 50 and result["hours"] == [6, 14]
+    for e in events:
+        for h in ("6", "14"):
+            assert -1.0 <= result["rho"][e][h] <= 1.0
+    # the hour check looks at the same places at both hours: the truth's dawn chorus is a morning sound
+    assert result["hot_truth"]["dawn_chorus"]["6"] > 5 * result["hot_truth"]["dawn_chorus"]["14"]
+    table = out.with_suffix(".md").read_text()
+    assert table.startswith("| event | query | ρ 06 h | ρ 14 h |")
+    assert f'| dawn_chorus | "{EVENTS[EVENT_NAMES.index("dawn_chorus")].words[0]}" |' in table
+    assert all(f"| {e} |" in table for e in events)
+    assert psm(["map", "agreement", "--index", str(index), "--checkpoint", str(ckpt), "--world", str(tiny),
+                "--month", "5", "--hours", "6", "--events", "unicorn"]) == 2  # fmt: skip

@@ -17,7 +17,15 @@ from psm.losses.infonce import (
     InfoNCECriterion,
     infonce_pair_loss,
 )
-from psm.losses.pcmepp import PCMEPPCriterion, PCMEPPTerms, csd, pcmepp_pair_loss, pcmepp_pair_terms, vib_kl
+from psm.losses.pcmepp import (
+    PCMEPPCriterion,
+    PCMEPPTerms,
+    calibrated_shift,
+    csd,
+    pcmepp_pair_loss,
+    pcmepp_pair_terms,
+    vib_kl,
+)
 from psm.losses.trimodal import DEFAULT_PAIR_WEIGHTS, MODALITIES, PAIRS, TriModalLoss
 
 __all__ = [
@@ -31,6 +39,7 @@ __all__ = [
     "PCMEPPTerms",
     "TriModalLoss",
     "all_gather_with_grad",
+    "calibrated_shift",
     "csd",
     "dist_world",
     "infonce_pair_loss",

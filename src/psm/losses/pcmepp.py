@@ -9,6 +9,7 @@ with every BCE a mean over all N·M entries, M the target (identity on one devic
 pseudo-positive targets. The reference note pcmepp-loss-and-metrics.md (§2-6) has the details.
 """
 
+import math
 import warnings
 from dataclasses import dataclass, fields
 
@@ -214,6 +215,22 @@ def pcmepp_pair_loss(
 ) -> Tensor:
     """Scalar PCME++ loss of one modality pair (see `pcmepp_pair_terms`)."""
     return pcmepp_pair_terms(mu_p, logvar_p, mu_q, logvar_q, a, b, alpha, beta, matched).loss
+
+
+def calibrated_shift(negative_scale: float, embed_dim: int, logvar_init: float, batch_size: int) -> float:
+    """A shift b that starts the typical pair's logit at the log-odds of a positive, −ln(B − 1).
+
+    The official b = 5 suits fine-tuning from pretrained encoders. From random weights it leaves the
+    initial logits −a·CSD + b far from the base rate of a positive, and the network then calibrates by
+    moving all images (and all audios) together, which collapses each modality to a point before any
+    discriminative signal appears (measured on the offline world; docs/faithfulness.md). At init two
+    unrelated unit means are ≈ orthogonal (‖μ_p − μ_q‖² ≈ 2) and Σσ² ≈ 2·D·exp(log σ²_init), so
+    b = a·(2 + 2·D·e^{log σ²_init}) − ln(B − 1) puts the typical initial logit at the base rate.
+    """
+    if batch_size < 2:
+        raise ValueError(f"a calibrated shift needs a batch of at least 2, got {batch_size}")
+    expected_csd = 2.0 + 2.0 * embed_dim * math.exp(logvar_init)
+    return negative_scale * expected_csd - math.log(batch_size - 1)
 
 
 class PCMEPPCriterion(nn.Module):

@@ -123,6 +123,21 @@ def add_query_parsers(map_subparsers: Any) -> None:
     o.add_argument("--width", type=int, default=1000, help="PNG width in pixels")
     p.set_defaults(func=_cmd_uncertainty)
 
+    p = map_subparsers.add_parser(
+        "agreement",
+        help="Spearman ρ of each event's text-query map against an offline world's truth, and the hour effect",
+    )
+    _common(p, query=False, metadata=False)
+    p.add_argument("--world", required=True, help="world folder written by `psm world generate`")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
+    p.add_argument("--month", type=int, required=True, help="month 1..12 of the maps and the truth")
+    p.add_argument("--hours", type=int, nargs="+", required=True, help="hours of the maps, e.g. 6 14")
+    p.add_argument("--zoom", type=int, help="zoom level (default: the index's first)")
+    p.add_argument("--audio-source", help="platform for the maps and the truth (default: left out / any)")
+    p.add_argument("--events", nargs="+", help="event classes (default: all of the world's)")
+    p.add_argument("--out", help="write OUT.json and OUT.md")
+    p.set_defaults(func=_cmd_agreement)
+
 
 # --------------------------------------------------------------------------------------------------------
 # handlers
@@ -359,6 +374,46 @@ def _do_uncertainty(args: argparse.Namespace) -> int:
     )
     for o in outs:
         print(f"zoom {o.extra['zoom']}: {o.tif} {o.png} {o.html}")
+    return 0
+
+
+def _cmd_agreement(args: argparse.Namespace) -> int:
+    return _guard("agreement", _do_agreement, args)
+
+
+def _do_agreement(args: argparse.Namespace) -> int:
+    import json
+
+    from psm.data.text import load_tokenizer
+    from psm.data.world import load_world
+    from psm.evaluation.report import write_text_atomic
+    from psm.maps.agreement import truth_agreement
+    from psm.maps.query import default_zoom
+
+    index, model = _load(args)
+    folder = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / TOKENIZER_DIR
+    if not folder.is_dir():
+        raise _UsageError(f"text queries need a tokenizer: none at {folder} (pass --tokenizer DIR)")
+    result = truth_agreement(
+        index,
+        model,
+        load_tokenizer(folder),
+        load_world(args.world),
+        month=args.month,
+        hours=args.hours,
+        zoom=default_zoom(index, args.zoom),
+        events=args.events,
+        audio_source=args.audio_source,
+        cache_dir=args.cache_dir,
+        device=_device(args.device),
+    )
+    table = result.markdown()
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out.with_suffix(".json"), json.dumps(result.to_dict(), indent=1))
+        write_text_atomic(out.with_suffix(".md"), table + "\n")
     return 0
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from psm.data.audio import clap_fusion_features
 from psm.data.batch import Batch
 from psm.data.imagery_sources import get_imagery_source
-from psm.losses import TriModalLoss
+from psm.losses import TriModalLoss, calibrated_shift
 from psm.models.factory import create_model
 from psm.models.heads import GaussianEmbedding
 
@@ -39,6 +39,8 @@ class PSMTrainingModule(L.LightningModule):
         loss: str = "pcmepp",
         alpha: float = 0.1,
         beta: float = 1e-4,
+        init_shift: float | str = 5.0,
+        init_negative_scale: float = 5.0,
         pair_weights: dict[str, float] | None = None,
         distributed_loss: str = "global",
         lr: float = 5e-5,
@@ -59,9 +61,15 @@ class PSMTrainingModule(L.LightningModule):
 
         ``decay_loss_scalars=True`` applies weight decay to the loss's a, b, τ as the official code does;
         ``metadata_dropout_in_validation=True`` reproduces the official validation (see faithfulness.md).
+
+        ``init_shift`` is PCME++'s initial b: the official 5.0, or ``"calibrated"`` to start every pair at the
+        base rate of a positive (:func:`psm.losses.calibrated_shift`), which training from random weights
+        needs to avoid collapsing each modality to a point.
         """
         super().__init__()
         self.save_hyperparameters()
+        if isinstance(init_shift, str) and init_shift != "calibrated":
+            raise ValueError(f"init_shift must be a number or 'calibrated', got {init_shift!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         overrides = dict(model_overrides or {})
@@ -81,10 +89,35 @@ class PSMTrainingModule(L.LightningModule):
         if self.model.config.probabilistic != (loss == "pcmepp"):
             raise ValueError(f"loss {loss!r} does not fit a model with probabilistic={self.model.config.probabilistic}")
         world_loss = distributed_loss if torch.distributed.is_available() else "none"
-        self.loss_fn = TriModalLoss(kind=loss, pair_weights=pair_weights, alpha=alpha, beta=beta, distributed="none")
+        numeric_shift = 5.0 if isinstance(init_shift, str) else float(init_shift)  # "calibrated": set in setup()
+        self.loss_fn = TriModalLoss(
+            kind=loss,
+            pair_weights=pair_weights,
+            alpha=alpha,
+            beta=beta,
+            init_shift=numeric_shift,
+            init_negative_scale=init_negative_scale,
+            distributed="none",
+        )
         self._distributed_loss = world_loss
         self._val_outputs: list[dict[str, Tensor]] = []
         self._last_step_time: float | None = None
+
+    def setup(self, stage: str) -> None:
+        # The calibrated shift needs the global batch size, which only the trainer and data know. A resumed
+        # run then loads its learned b over this initial value.
+        if self.hparams.init_shift != "calibrated" or self.hparams.loss != "pcmepp":
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch_size = getattr(getattr(datamodule, "hparams", None), "batch_size", None)
+        if batch_size is None:
+            raise ValueError("init_shift='calibrated' needs a datamodule with a batch_size")
+        cfg = self.model.config
+        b = calibrated_shift(
+            self.hparams.init_negative_scale, cfg.embed_dim, cfg.logvar_bias_init, batch_size * self.trainer.world_size
+        )
+        with torch.no_grad():
+            self.loss_fn.criterion.shift.fill_(b)
 
     # --- batches ----------------------------------------------------------------------------------------
     def _generator(self, salt: int) -> torch.Generator:

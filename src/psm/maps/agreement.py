@@ -1,0 +1,141 @@
+"""How well do query maps agree with a world's known truth? Spearman ρ per event class, and the hour effect.
+
+For the offline world (:mod:`psm.data.world`) the probability of hearing each event at every place, hour and
+month is known exactly. A text query for an event ("birdsong", the event's first caption word) scored over a
+map index at one month and hour should rank places like that truth does, whatever the score's scale: hence
+Spearman's rank correlation between the map's scores and the truth at the index's valid points.
+
+The hour check asks whether the map *moves with time* the way the truth does: the mean score of an event's
+query over the points where the event is most likely (the top decile of its truth at its peak hour), at
+each hour, next to the truth's mean there (e.g. dawn chorus in the forest at 6 h and at 14 h).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from psm.maps.query import MapIndex, MapQueryError, MetadataSetting, condition, embed_text_query, score
+
+
+def event_query_text(event: str) -> str:
+    """The text query for an event: its most specific caption word (one source: the world's event rules)."""
+    from psm.data.world.rules import EVENT_INDEX, EVENTS
+
+    if event not in EVENT_INDEX:
+        raise MapQueryError(f"unknown event {event!r}; known: {', '.join(EVENT_INDEX)}")
+    return EVENTS[EVENT_INDEX[event]].words[0]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's ρ with average ranks for ties; NaN when either side is constant or fewer than 3 points."""
+    from scipy.stats import rankdata
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size < 3:
+        return float("nan")
+    ra, rb = rankdata(a), rankdata(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+@dataclass
+class AgreementResult:
+    """Per (event, hour): Spearman ρ of the query map against the truth layer; per event the hour profile."""
+
+    month: int
+    hours: list[int]
+    zoom: int
+    num_points: int
+    rho: dict[str, dict[int, float]] = field(default_factory=dict)  # event → hour → ρ
+    hot_score: dict[str, dict[int, float]] = field(default_factory=dict)  # event → hour → mean score on hot points
+    hot_truth: dict[str, dict[int, float]] = field(default_factory=dict)  # same points, mean truth probability
+
+    def mean_rho(self) -> float:
+        """Mean ρ over every (event, hour) with a defined ρ."""
+        values = [v for per in self.rho.values() for v in per.values() if np.isfinite(v)]
+        return float(np.mean(values)) if values else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["mean_rho"] = self.mean_rho()
+        return out
+
+    def markdown(self) -> str:
+        """A table: one row per event, ρ per hour, then score and truth at the hot points per hour."""
+        hours = self.hours
+        head = ["event", "query"] + [f"ρ {h:02d} h" for h in hours]
+        head += [f"score {h:02d} h" for h in hours] + [f"truth {h:02d} h" for h in hours]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for event, per in self.rho.items():
+            cells = [event, f'"{event_query_text(event)}"'] + [_fmt(per[h]) for h in hours]
+            cells += [_fmt(self.hot_score[event][h], 2) for h in hours]
+            cells += [_fmt(self.hot_truth[event][h], 3) for h in hours]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(
+            f"Mean ρ {self.mean_rho():.3f} over {len(self.rho)} events × {len(hours)} hours; month {self.month}, "
+            f"zoom {self.zoom}, {self.num_points:,} points. Score and truth are means over the same points at every "
+            "hour: each event's top decile of truth at its peak hour."
+        )
+        return "\n".join(lines)
+
+
+def _fmt(v: float, digits: int = 3) -> str:
+    return "—" if not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def truth_agreement(
+    index: MapIndex,
+    model: Any,
+    tokenizer: Any,
+    world: Any,
+    *,
+    month: int,
+    hours: Sequence[int],
+    zoom: int,
+    events: Sequence[str] | None = None,
+    audio_source: str | None = None,
+    cache_dir: Any = None,
+    device: Any = None,
+) -> AgreementResult:
+    """Score each event's text query over ``index`` at ``month`` and each hour; compare with ``world``'s truth.
+
+    ``world`` is a :class:`psm.data.world.World`; ``audio_source`` (a platform) conditions both the map and
+    the truth. Metadata the model does not use is left out of the map's setting.
+    """
+    spec = model.config.metadata
+    events = list(events if events is not None else world.events)
+    points = index.points
+    lat, lon = points["latitude"].to_numpy(), points["longitude"].to_numpy()
+    result = AgreementResult(month=int(month), hours=[int(h) for h in hours], zoom=int(zoom), num_points=0)
+    queries = {e: embed_text_query(model, tokenizer, event_query_text(e)) for e in events}
+    scores: dict[int, dict[str, np.ndarray]] = {}
+    truths: dict[int, np.ndarray] = {}
+    valid = None
+    for hour in result.hours:
+        setting = MetadataSetting(
+            month=month if "month" in spec.types else None,
+            hour=hour if "hour" in spec.types else None,
+            audio_source=audio_source if "audio_source" in spec.types else None,
+        )
+        cond = condition(index, model, zoom, setting, cache_dir=cache_dir, device=device)
+        scores[hour] = {e: score(cond, q) for e, q in queries.items()}
+        truths[hour] = world.probabilities(lat, lon, hour, month, audio_source)  # (N, E)
+        ok = np.isfinite(next(iter(scores[hour].values())))
+        valid = ok if valid is None else valid & ok
+    result.num_points = int(valid.sum())
+    for e in events:
+        col = world.events.index(e)
+        result.rho[e] = {h: spearman(scores[h][e][valid], truths[h][valid, col]) for h in result.hours}
+        # The same points at every hour: those whose truth at its peak hour is in the top decile.
+        peak = np.max([truths[h][valid, col] for h in result.hours], axis=0)
+        hot = peak >= np.quantile(peak, 0.9)
+        result.hot_score[e] = {h: float(scores[h][e][valid][hot].mean()) for h in result.hours}
+        result.hot_truth[e] = {h: float(truths[h][valid, col][hot].mean()) for h in result.hours}
+    return result
