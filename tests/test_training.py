@@ -77,7 +77,7 @@ def test_train_exports_best_and_last_and_logs_validation(tmp_path):
 
     manifest = make_raster_manifest(tmp_path)
     run = tmp_path / "run"
-    args = _args(manifest, run, steps=4, every=2) + ["--model.init_shift", "calibrated"]
+    args = [*_args(manifest, run, steps=4, every=2), "--model.init_shift", "calibrated"]
     assert run_training(args) == 0
     for name in ("best", "last"):
         _, extra = load_checkpoint(run / "export" / name)

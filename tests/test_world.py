@@ -518,3 +518,18 @@ def test_map_agreement_with_the_truth(tiny, tmp_path):
     assert all(f"| {e} |" in table for e in events)
     assert psm(["map", "agreement", "--index", str(index), "--checkpoint", str(ckpt), "--world", str(tiny),
                 "--month", "5", "--hours", "6", "--events", "unicorn"]) == 2  # fmt: skip
+
+
+def test_retrieval_ceilings_of_the_world(tiny, capsys):
+    """Oracle rankings from the truth beat chance, metadata and ambience each raise the ceiling."""
+    from psm.cli import main as psm
+    from psm.evaluation.ceiling import retrieval_ceilings
+
+    c = retrieval_ceilings(load_world(tiny), "test")
+    r = {k: v["recall_at_10pct"] for k, v in c.items()}
+    assert r["labels + metadata"] > r["labels, place only"]
+    assert r["labels + metadata + ambience"] > r["labels + metadata"] > 0.15
+    assert psm(["ceiling", "--world", str(tiny)]) == 0
+    assert "| labels + metadata |" in capsys.readouterr().out
+    assert psm(["ceiling", "--world", str(tiny / "audio")]) == 2
+    assert "is not a world" in capsys.readouterr().err

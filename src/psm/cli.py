@@ -97,10 +97,7 @@ def _cmd_data_pack(args: argparse.Namespace) -> int:
     except (ManifestError, ShardWriteError, ValueError) as e:
         print(f"psm data pack: {e}", file=sys.stderr)
         return 2
-    print(
-        f"{report.num_samples} samples in {len(report.shards)} shards "
-        f"({len(report.written)} written, {len(report.skipped)} already complete)"
-    )
+    print(report.summary())
     if len(log):
         print(f"skipped {len(log)} bad rows; report: {log.path}.*.jsonl")
         for p in log.problems[:20]:

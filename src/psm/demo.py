@@ -4,7 +4,8 @@ It runs the same commands a user runs, in order: generate the offline world (``p
 train the tiny PSM on it (``psm train`` with configs/world-demo.yaml), evaluate it on the world's
 geographically held-out test split (``psm evaluate``: the paper's table), index the region
 (``psm map index``) and draw soundscape maps for text queries at two hours, an audio query and an
-uncertainty map (``psm map query`` / ``psm map uncertainty``), then an HTML report linking them.
+uncertainty map (``psm map query`` / ``psm map uncertainty``), score every event's map against the world's
+truth (``psm map agreement``), then an HTML report linking them.
 """
 
 from __future__ import annotations
@@ -91,9 +92,18 @@ def run_demo(
          "--out", str(maps / "uncertainty")],
     )  # fmt: skip
 
+    _step(
+        "8. how well do the maps agree with the world's truth? (Spearman ρ per event, hour effect)",
+        ["map", "agreement", "--index", str(index), "--checkpoint", str(ckpt), "--world", str(world), "--month", "5",
+         "--hours", *map(str, HOURS), "--zoom", "3", "--out", str(out / "agreement")],
+    )  # fmt: skip
+
     from psm.maps.render import write_report
 
     table = (out / "eval" / "metrics.md").read_text() if (out / "eval" / "metrics.md").is_file() else None
+    agreement = out / "agreement.md"
+    if table is not None and agreement.is_file():
+        table += "\n\n### Maps against the world's truth\n\n" + agreement.read_text()
     pngs = [p.with_suffix(".png") for p in outputs] + sorted(maps.glob("uncertainty*.png"))
     entries = [
         {"title": p.stem, "png": str(p), "html": str(p.with_suffix(".html")), "tif": str(p.with_suffix(".tif"))}

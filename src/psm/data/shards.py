@@ -151,6 +151,13 @@ class PackReport:
     removed: list[str] = field(default_factory=list)
     num_samples: int = 0
 
+    def summary(self) -> str:
+        """One line for the pack commands: samples, shards written and already complete, and where."""
+        return (
+            f"{self.num_samples} samples in {len(self.shards)} shards ({len(self.written)} written, "
+            f"{len(self.skipped)} already complete) → {self.out_dir}"
+        )
+
 
 def validate_key(key: object) -> str:
     """Check that a sample key is tar-safe: non-empty, ≤ 200 bytes, no ".", "/", "\\", whitespace or controls.

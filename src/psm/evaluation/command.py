@@ -158,7 +158,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register the ``evaluate`` and ``embed`` commands."""
+    """Register the ``evaluate``, ``embed`` and ``ceiling`` commands."""
     p = sub.add_parser(
         "evaluate",
         help="the paper's retrieval tables (R@10%%, median rank) for a checkpoint on a manifest split",
@@ -185,3 +185,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--out", required=True, help="Parquet file to write (atomically)")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser(
+        "ceiling",
+        help="retrieval ceilings of an offline world: oracle rankings from its truth and labels",
+        description="Image→audio R@10%% and median rank of rankings by the world's truth (what a perfect listener "
+        "could reach on the split), with and without metadata and the background ambience.",
+    )
+    p.add_argument("--world", required=True, help="world folder written by `psm world generate`")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="also write the Markdown table to this file")
+    p.set_defaults(func=_cmd_ceiling)
+
+
+def _cmd_ceiling(args: argparse.Namespace) -> int:
+    from psm.data.world import load_world
+    from psm.evaluation.ceiling import format_ceilings, retrieval_ceilings
+    from psm.evaluation.report import write_text_atomic
+
+    try:  # WorldError (not a world) and too-small splits are ValueErrors with a message naming the folder
+        world = load_world(args.world)
+        ceilings = retrieval_ceilings(world, args.split)
+    except ValueError as e:
+        print(f"psm ceiling: error: {e}", file=sys.stderr)
+        return 2
+    n = int((world.events_table()["split"] == args.split).sum())
+    table = format_ceilings(ceilings, n)
+    print(table)
+    if args.out:
+        write_text_atomic(args.out, table + "\n")
+    return 0

@@ -176,6 +176,17 @@ class MapIndex:
             raise MapQueryError(f"{path}: row/col outside the {self.grid.height}×{self.grid.width} grid")
         return df
 
+    def raster(self, values: np.ndarray) -> np.ndarray:
+        """Per-point ``values`` (N,) placed on the index's grid: a (height, width) float32 raster, NaN elsewhere."""
+        from psm.maps.render import points_to_raster
+
+        pts = self.points
+        return points_to_raster(values, pts["row"].to_numpy(), pts["col"].to_numpy(), self.grid.height, self.grid.width)
+
+    def model_name(self, model: Any) -> str:
+        """The model's name for legends and tags: the one the index recorded, else the model config's."""
+        return str(self.model_info.get("name") or model.config.name)
+
     def check_zoom(self, zoom: int) -> int:
         """``zoom`` if the index has it, else a :class:`MapQueryError` listing the zooms it has."""
         if int(zoom) not in self.zooms:
@@ -1056,6 +1067,28 @@ def score_label(probabilistic: bool) -> str:
     return "−CSD" if probabilistic else "cosine similarity"
 
 
+def map_tags(
+    setting: MetadataSetting,
+    zoom: int,
+    model_name: str,
+    value: str,
+    *,
+    query: QueryEmbedding | None = None,
+    scale: Any = None,
+    shared_scale: bool = False,
+) -> dict[str, Any]:
+    """The PSM_* GeoTIFF tags every map carries: what was asked, under which metadata, zoom, model and scale."""
+    tags: dict[str, Any] = {}
+    if query is not None:
+        tags["PSM_QUERY"] = query.describe()
+    tags |= {"PSM_METADATA": setting.to_dict(), "PSM_ZOOM": str(zoom), "PSM_MODEL": model_name, "PSM_VALUE": value}
+    if scale is not None:
+        tags["PSM_SCALE"] = {"mode": scale.mode, "vmin": scale.vmin, "vmax": scale.vmax} | (
+            {"shared": True} if shared_scale else {}
+        )
+    return tags
+
+
 def query_map(
     index: MapIndex,
     model: Any,
@@ -1082,7 +1115,7 @@ def query_map(
     Returns the :class:`psm.maps.render.MapOutputs` with ``extra`` holding the resolved scale, the
     metadata setting and the number of valid points.
     """
-    from psm.maps.render import MapLegend, points_to_raster, render_map
+    from psm.maps.render import MapLegend, render_map
 
     zoom = default_zoom(index, zoom)
     cond = condition(
@@ -1100,9 +1133,8 @@ def query_map(
     label = score_label(cond.probabilistic)
     resolved = resolve_scale(scale, raw, label)
     values = resolved.apply(raw)
-    pts = index.points
-    raster = points_to_raster(values, pts["row"].to_numpy(), pts["col"].to_numpy(), index.grid.height, index.grid.width)
-    model_name = index.model_info.get("name") or model.config.name
+    raster = index.raster(values)
+    model_name = index.model_name(model)
     n_valid = int(cond.valid.sum())
     legend = MapLegend(
         title=title or f"Where would I hear this? ({query.kind} query)",
@@ -1112,14 +1144,7 @@ def query_map(
         notes=[f"{n_valid:,} of {index.num_points:,} points have imagery at zoom {zoom}"],
     )
     vmin, vmax = resolved.display_range()
-    tags = {
-        "PSM_QUERY": query.describe(),
-        "PSM_METADATA": cond.setting.to_dict(),
-        "PSM_ZOOM": str(zoom),
-        "PSM_MODEL": str(model_name),
-        "PSM_VALUE": label,
-        "PSM_SCALE": {"mode": resolved.mode, "vmin": resolved.vmin, "vmax": resolved.vmax},
-    }
+    tags = map_tags(cond.setting, zoom, model_name, label, query=query, scale=resolved)
     out = render_map(
         raster,
         index.grid,

@@ -24,11 +24,12 @@ from psm.maps.query import (
     ScaleSpec,
     condition,
     default_zoom,
+    map_tags,
     resolve_scale,
     score,
     score_label,
 )
-from psm.maps.render import MapLegend, MapOutputs, points_to_raster, render_map, write_gif, write_mp4
+from psm.maps.render import MapLegend, MapOutputs, render_map, write_gif, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,11 @@ def temporal_maps(
     spec = scale if scale.mode != "percentile" else ScaleSpec("shared", None, scale.percentiles)
     resolved = resolve_scale(spec, raws, label)
     vmin, vmax = resolved.display_range()
-    pts = index.points
-    rows, cols = pts["row"].to_numpy(), pts["col"].to_numpy()
-    model_name = index.model_info.get("name") or model.config.name
+    model_name = index.model_name(model)
 
     frames = []
     for v, raw, setting, cond in zip(values, raws, settings, conds, strict=True):
-        raster = points_to_raster(resolved.apply(raw), rows, cols, index.grid.height, index.grid.width)
+        raster = index.raster(resolved.apply(raw))
         what = f"{int(v):02d}:00" if dimension == "hour" and float(v).is_integer() else f"{v:g}"
         legend = MapLegend(
             title=f"{query.label} · {dimension} {what}",
@@ -136,14 +135,7 @@ def temporal_maps(
                 f"one scale shared by the {len(values)} frames ({dimension}s {', '.join(f'{x:g}' for x in values)})"
             ],
         )
-        tags = {
-            "PSM_QUERY": query.describe(),
-            "PSM_METADATA": setting.to_dict(),
-            "PSM_ZOOM": str(zoom),
-            "PSM_MODEL": str(model_name),
-            "PSM_VALUE": label,
-            "PSM_SCALE": {"mode": resolved.mode, "vmin": resolved.vmin, "vmax": resolved.vmax, "shared": True},
-        }
+        tags = map_tags(setting, zoom, model_name, label, query=query, scale=resolved, shared_scale=True)
         out = render_map(
             raster,
             index.grid,

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from psm.maps.query import MapIndex, MapQueryError, MetadataSetting, condition, finite_percentiles
-from psm.maps.render import MapLegend, MapOutputs, points_to_raster, render_map
+from psm.maps.query import MapIndex, MapQueryError, MetadataSetting, condition, finite_percentiles, map_tags
+from psm.maps.render import MapLegend, MapOutputs, render_map
 
 IMAGE_ONLY = MetadataSetting(location=False)
 
@@ -66,13 +66,11 @@ def uncertainty_maps(
     values = {z: sigma_l1_values(index, model, z, setting, **kwargs) for z in zooms}
     vmin, vmax = finite_percentiles(list(values.values()), *percentiles)
     resolved = setting.resolve(model.config.metadata)
-    pts = index.points
-    rows, cols = pts["row"].to_numpy(), pts["col"].to_numpy()
-    model_name = index.model_info.get("name") or model.config.name
+    model_name = index.model_name(model)
     prefix = Path(prefix)
     outputs = []
     for z, v in values.items():
-        raster = points_to_raster(v, rows, cols, index.grid.height, index.grid.width)
+        raster = index.raster(v)
         legend = MapLegend(
             title=f"Uncertainty ‖σ‖₁ of the image embedding, zoom {z}",
             query="",
@@ -80,12 +78,7 @@ def uncertainty_maps(
             value_label=f"‖σ‖₁ = Σ exp(log σ²/2) (colours: p{percentiles[0]:g}–p{percentiles[1]:g} of all zooms)",
             notes=["higher = the model is less sure what this place sounds like"],
         )
-        tags = {
-            "PSM_VALUE": "sigma_l1",
-            "PSM_METADATA": resolved.to_dict(),
-            "PSM_ZOOM": str(z),
-            "PSM_MODEL": str(model_name),
-        }
+        tags = map_tags(resolved, z, model_name, "sigma_l1")
         out = render_map(
             raster,
             index.grid,

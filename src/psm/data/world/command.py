@@ -117,10 +117,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     except (WorldError, ShardWriteError, ValueError) as e:
         print(f"psm world pack: {e}", file=sys.stderr)
         return 2
-    print(
-        f"{report.num_samples} samples in {len(report.shards)} shards ({len(report.written)} written, "
-        f"{len(report.skipped)} already complete) → {report.out_dir}"
-    )
+    print(report.summary())
     return 0
 
 
