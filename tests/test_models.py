@@ -232,3 +232,22 @@ def test_is_longer_is_forced_by_default_and_per_clip_on_request():
         per_clip.train()
         per_clip.encode_audio(feats, torch.tensor([True, False, False]))
     assert all(bn.training for bn in per_clip.audio.tower._fusion_norms)
+
+
+def test_logvar_hidden_bias_init_lets_sigma_train():
+    """Official σ-head init (both biases −4) leaves the hidden GELU flat; a hidden bias of 0 lets σ learn."""
+    from psm.models.heads import GaussianHeads
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    grads = {}
+    for name, hidden in (("official", None), ("active", 0.0)):
+        torch.manual_seed(1)
+        head = GaussianHeads(32, -4.0, hidden)
+        assert head.logvar_head.linear2.bias.eq(-4.0).all()
+        assert head.logvar_head.linear1.bias.eq(-4.0 if hidden is None else 0.0).all()
+        logvar = head(x).logvar
+        assert abs(float(logvar.mean()) + 4.0) < 0.5  # both start near log σ² = −4
+        logvar.std(0).sum().backward()  # any objective that wants σ to differ between samples
+        grads[name] = float(head.logvar_head.linear1.weight.grad.norm())
+    assert grads["active"] > 10 * grads["official"]  # 20× here; in output space the GELU slope differs ~100×

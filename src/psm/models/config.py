@@ -78,6 +78,9 @@ class PSMConfig:
     embed_dim: int = 512
     probabilistic: bool = True
     logvar_bias_init: float = -4.0
+    # Bias of the σ head's hidden layer; None = logvar_bias_init (official: both −4, where the hidden GELU is
+    # flat, so per-sample σ barely trains from random weights; 0.0 keeps the GELU in its active range).
+    logvar_hidden_bias_init: float | None = None
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     audio: ClapTowerConfig = field(default_factory=ClapTowerConfig)
     text: ClapTowerConfig | None = field(default_factory=ClapTowerConfig)

@@ -66,11 +66,12 @@ class GaussianHeads(nn.Module):
     which keeps the CSD's variance term small while μ is still random (official init).
     """
 
-    def __init__(self, dim: int, logvar_bias_init: float = -4.0) -> None:
+    def __init__(self, dim: int, logvar_bias_init: float = -4.0, hidden_bias_init: float | None = None) -> None:
         super().__init__()
         self.mean_head = Projector(dim, dim)
         self.logvar_head = Projector(dim, dim)
-        nn.init.constant_(self.logvar_head.linear1.bias, logvar_bias_init)
+        hidden = logvar_bias_init if hidden_bias_init is None else hidden_bias_init
+        nn.init.constant_(self.logvar_head.linear1.bias, hidden)
         nn.init.constant_(self.logvar_head.linear2.bias, logvar_bias_init)
 
     def forward(self, x: Tensor) -> GaussianEmbedding:
@@ -95,8 +96,14 @@ class IdentityHead(nn.Module):
         return GaussianEmbedding.from_raw(x, None)
 
 
-def make_head(dim: int, probabilistic: bool, logvar_bias_init: float, identity: bool = False) -> nn.Module:
+def make_head(
+    dim: int,
+    probabilistic: bool,
+    logvar_bias_init: float,
+    identity: bool = False,
+    hidden_bias_init: float | None = None,
+) -> nn.Module:
     """The head for one modality given the model's kind."""
     if probabilistic:
-        return GaussianHeads(dim, logvar_bias_init)
+        return GaussianHeads(dim, logvar_bias_init, hidden_bias_init)
     return IdentityHead() if identity else DeterministicHead(dim)

@@ -32,7 +32,7 @@ class ImageTower(nn.Module):
         self.encoder = SatelliteEncoder(cfg.image, cfg.embed_dim)
         self.fusion = MetadataFusion(cfg.metadata, cfg.fusion, cfg.embed_dim) if cfg.metadata.types else None
         # The deterministic image branch has no extra head: the (fused) projector output is the embedding.
-        self.head = make_head(cfg.embed_dim, cfg.probabilistic, cfg.logvar_bias_init, identity=True)
+        self.head = make_head(cfg.embed_dim, cfg.probabilistic, cfg.logvar_bias_init, True, cfg.logvar_hidden_bias_init)
 
     def embed_features(
         self,
@@ -57,7 +57,9 @@ class ClapBranch(nn.Module):
     def __init__(self, tower: nn.Module, cfg: PSMConfig) -> None:
         super().__init__()
         self.tower = tower
-        self.head = make_head(cfg.embed_dim, cfg.probabilistic, cfg.logvar_bias_init)
+        self.head = make_head(
+            cfg.embed_dim, cfg.probabilistic, cfg.logvar_bias_init, False, cfg.logvar_hidden_bias_init
+        )
 
     def forward(self, *inputs: Tensor) -> GaussianEmbedding:
         return self.head(self.tower(*inputs))
