@@ -209,8 +209,7 @@ def _cmd_ceiling(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"psm ceiling: error: {e}", file=sys.stderr)
         return 2
-    n = int((world.events_table()["split"] == args.split).sum())
-    table = format_ceilings(ceilings, n)
+    table = format_ceilings(ceilings, world.info["split"]["samples"].get(args.split))
     print(table)
     if args.out:
         write_text_atomic(args.out, table + "\n")

@@ -89,14 +89,15 @@ class PSMTrainingModule(L.LightningModule):
         if self.model.config.probabilistic != (loss == "pcmepp"):
             raise ValueError(f"loss {loss!r} does not fit a model with probabilistic={self.model.config.probabilistic}")
         world_loss = distributed_loss if torch.distributed.is_available() else "none"
-        numeric_shift = 5.0 if isinstance(init_shift, str) else float(init_shift)  # "calibrated": set in setup()
+        # "calibrated" keeps the criterion's default here and is set in setup(), once the batch size is known.
+        shift = {} if isinstance(init_shift, str) else {"init_shift": float(init_shift)}
         self.loss_fn = TriModalLoss(
             kind=loss,
             pair_weights=pair_weights,
             alpha=alpha,
             beta=beta,
-            init_shift=numeric_shift,
             init_negative_scale=init_negative_scale,
+            **shift,
             distributed="none",
         )
         self._distributed_loss = world_loss
