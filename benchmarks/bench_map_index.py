@@ -93,23 +93,43 @@ def inner_grid(n_points: int):
     return grid_for_region(Region.from_bbox(w, s, e, n), spacing)
 
 
-def baseline_tiles_per_s(model, raster: Path, lats, lons, zooms, batch: int = 1000) -> float:
+def baseline_tiles_per_s(model, raster: Path, lats, lons, zooms, batch: int = 1000, device: str = "cpu") -> float:
     """The plain approach: per zoom, one point at a time (open, read, transform), forward per 1,000."""
     source = get_imagery_source(model.config.image.imagery_source)
     size = model.config.image.img_size
+    dev = torch.device(device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         for z in zooms:
             buf: list[torch.Tensor] = []
             for la, lo in zip(lats, lons, strict=True):
                 raw = read_raster_window(raster, la, lo, z * source.tile_size, source.base_gsd_m)  # opens the file
                 buf.append(prepare_image(raw, source, z, train=False, input_size=size))
                 if len(buf) == batch:
-                    model.image_features(torch.stack(buf), torch.full((batch,), z))
+                    model.image_features(torch.stack(buf).to(dev), torch.full((batch,), z, device=dev))
                     buf = []
             if buf:
-                model.image_features(torch.stack(buf), torch.full((len(buf),), z))
+                model.image_features(torch.stack(buf).to(dev), torch.full((len(buf),), z, device=dev))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     return len(lats) * len(zooms) / (time.perf_counter() - start)
+
+
+def forward_tiles_per_s(model, batch: int, device: str, repeats: int = 10) -> float:
+    """The image encoder alone on a batch already on the device (bf16 autocast on CUDA): the model's ceiling."""
+    dev = torch.device(device)
+    size = model.config.image.img_size
+    images = torch.randn(batch, 3, size, size, device=dev)
+    zoom = torch.full((batch,), model.config.image.zoom_levels[0], device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        model.image_features(images, zoom)
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model.image_features(images, zoom)
+        sync()
+    return batch * repeats / (time.perf_counter() - start)
 
 
 class StubModel(nn.Module):
@@ -238,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="decode threads (ours)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--baseline-points", type=int, default=None, help="time the slow baseline on fewer points")
     parser.add_argument("--memory-points", type=int, default=1_000_000)
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--embed-dim", type=int, default=512, help="feature width of the memory run's stub model")
@@ -252,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     if not args.skip_throughput:
-        model = create_model(args.model, seed=0).eval()
+        model = create_model(args.model, seed=0).eval().to(args.device)
         zooms = tuple(args.zooms)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -264,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
             n_tiles = len(grid) * len(zooms)
             print(
                 f"model {args.model}, {len(grid)} points × zooms {list(zooms)} = {n_tiles} tiles, "
-                f"torch threads {torch.get_num_threads()}, decode workers {args.workers}",
+                f"torch threads {torch.get_num_threads()}, decode workers {args.workers}, device {args.device}",
                 flush=True,
             )
 
@@ -279,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
                         chunk_size=args.chunk_size,
                         batch_size=args.batch_size,
                         workers=args.workers,
-                        device="cpu",
+                        device=args.device,
                         progress=False,
                         decoder=decoder,
                     )
@@ -289,14 +311,21 @@ def main(argv: list[str] | None = None) -> None:
                 return rep.tiles_per_s
 
             ours_rate = ours()
-            base_rate = baseline_tiles_per_s(model, raster, pts.latitude, pts.longitude, zooms)
-            decode_rate = ours(m=StubModel(model.config), name="decode-only")
+            nb = args.baseline_points or len(grid)
+            base_rate = baseline_tiles_per_s(
+                model, raster, pts.latitude[:nb], pts.longitude[:nb], zooms, device=args.device
+            )
+            decode_rate = ours(m=StubModel(model.config).to(args.device), name="decode-only")
             model_rate = ours(decoder=constant_decoder(model.config.image.img_size), name="model-only")
             print(f"ours (prefetch, {args.workers} decode threads): {ours_rate:8.1f} tiles/s")
-            print(f"baseline (per-zoom single-thread loop, batch 1000): {base_rate:8.1f} tiles/s")
+            print(f"baseline (per-zoom single-thread loop, batch 1000, {nb} points): {base_rate:8.1f} tiles/s")
             print(f"ratio ours / baseline: {ours_rate / base_rate:.2f}×")
             print(f"decode only (stub model):   {decode_rate:8.1f} tiles/s")
             print(f"model only (stub decoder):  {model_rate:8.1f} tiles/s")
+            print(
+                f"ViT forward only (device-resident batch of {args.batch_size}): "
+                f"{forward_tiles_per_s(model, args.batch_size, args.device):8.1f} tiles/s"
+            )
 
     if not args.skip_memory:
         small = run_memory(max(1000, args.memory_points // 10), args.chunk_size, args.embed_dim)
