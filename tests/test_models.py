@@ -251,3 +251,51 @@ def test_logvar_hidden_bias_init_lets_sigma_train():
         logvar.std(0).sum().backward()  # any objective that wants σ to differ between samples
         grads[name] = float(head.logvar_head.linear1.weight.grad.norm())
     assert grads["active"] > 10 * grads["official"]  # 20× here; in output space the GELU slope differs ~100×
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_deferred_mel_norm_affine_equals_hf_htsat(training):
+    """psm's HTSAT input norm (affine after the time interpolation) gives HF's outputs, gradients and
+    running statistics; a test that fails if the swap is removed or the commutation is wrong."""
+    import copy
+
+    from transformers.models.clap.modeling_clap import ClapAudioEncoder
+
+    from psm.models.clap import _ClapAudioEncoderDeferredNorm, _MelNormDeferredAffine
+
+    ours = create_model("psm-tiny", seed=0).audio.tower.clap
+    encoder = ours.audio_model.audio_encoder
+    assert isinstance(encoder, _ClapAudioEncoderDeferredNorm)
+    assert isinstance(encoder.batch_norm, _MelNormDeferredAffine)
+    reference = copy.deepcopy(ours)
+    ref_encoder = reference.audio_model.audio_encoder
+    plain = torch.nn.BatchNorm2d(encoder.batch_norm.num_features)
+    plain.load_state_dict(ref_encoder.batch_norm.state_dict())
+    ref_encoder.batch_norm, ref_encoder.__class__ = plain, ClapAudioEncoder
+    assert list(ours.state_dict()) == list(reference.state_dict())  # same checkpoint keys
+    with torch.no_grad():  # a non-trivial affine, so a wrong order would show
+        for m in (encoder.batch_norm, plain):
+            m.weight.copy_(torch.linspace(0.5, 2.0, m.num_features))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, m.num_features))
+    ours.train(training), reference.train(training)
+    feats = torch.randn(3, 4, 1001, 64) * 2 + 1
+    longer = torch.tensor([[True], [True], [True]])
+    torch.manual_seed(0)  # the same dropout draws in both
+    out = ours(input_features=feats, is_longer=longer).audio_embeds
+    torch.manual_seed(0)
+    ref = reference(input_features=feats, is_longer=longer).audio_embeds
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+    (out * torch.arange(out.shape[1])).sum().backward()
+    (ref * torch.arange(ref.shape[1])).sum().backward()
+    for (name, a), (_, b) in zip(ours.named_parameters(), reference.named_parameters(), strict=True):
+        if b.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-3), name
+    for key, value in reference.state_dict().items():  # running statistics updated alike
+        assert torch.allclose(ours.state_dict()[key].float(), value.float(), atol=1e-6), key
+    # An input that needs its gradient (saliency) takes the plain path and gets the same gradient.
+    x1, x2 = feats.clone().requires_grad_(), feats.clone().requires_grad_()
+    torch.manual_seed(1)
+    ours(input_features=x1, is_longer=longer).audio_embeds.sum().backward()
+    torch.manual_seed(1)
+    reference(input_features=x2, is_longer=longer).audio_embeds.sum().backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-6, rtol=1e-3)

@@ -132,3 +132,34 @@ def test_train_from_packed_shards(tmp_path):
     args[i : i + 2] = ["--data.shards", str(tmp_path / "shards"), "--data.tokenizer", str(tmp_path / "tok")]
     assert run_training(args) == 0
     assert load_training_state(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def test_dataset_cache_gives_the_same_samples_and_stops_rereading(tmp_path):
+    from psm.data.dataset import ManifestDataset
+
+    manifest = make_raster_manifest(tmp_path, n=6, val_every=100)
+    common = dict(imagery_source="sentinel2", train=True, input_size=32, audio_features=True)
+    plain = ManifestDataset(manifest, **common)
+    cached = ManifestDataset(manifest, cache=True, **common)
+    for epoch in (0, 1, 2):  # random zooms, crops and flips per epoch: the cache must not freeze them
+        for i in range(len(plain)):
+            a, b = plain.load(i, epoch), cached.load(i, epoch)
+            assert a.zoom == b.zoom and torch.equal(a.image, b.image)
+            assert torch.equal(a.audio_features, b.audio_features) and a.is_longer == b.is_longer
+    fixed = ManifestDataset(manifest, cache=True, zoom=1, **common)
+    first = [fixed.load(i, 0) for i in range(len(fixed))]
+    for f in [tmp_path / "mosaic.tif", *tmp_path.glob("*.wav")]:
+        f.unlink()  # a cached sample needs neither its raster window nor its (short) clip again
+    again = [fixed.load(i, 5) for i in range(len(fixed))]
+    assert all(torch.equal(x.audio_features, y.audio_features) for x, y in zip(first, again, strict=True))
+    from psm.data.imagery import ImageryError
+
+    with pytest.raises(ImageryError, match=r"mosaic\.tif"):
+        plain.load(0, 0)
+
+
+def test_cache_refuses_shards():
+    from psm.training.datamodule import PSMDataModule
+
+    with pytest.raises(ValueError, match="cache"):
+        PSMDataModule(shards="somewhere", tokenizer="tok", cache=True)

@@ -45,10 +45,19 @@ class ManifestDataset(Dataset):
         skip_log: SkipLog | None = None,
         time_missing_means_midnight: bool = True,
         audio_features: bool = False,
+        cache: bool = False,
     ) -> None:
         """``audio_features=True`` computes CLAP fusion features per sample here (in DataLoader workers,
-        overlapping the model on CPU training); otherwise samples carry waveforms for the training device."""
+        overlapping the model on CPU training); otherwise samples carry waveforms for the training device.
+
+        ``cache=True`` keeps, in this process, what does not change between epochs: each raster window read
+        (per zoom, before the random crop and flip) and the CLAP features of clips of at most 10 s (their
+        features have no random chunk choice). For small datasets trained for many epochs on a CPU (the
+        offline world: ~1.5 GB for 2,222 samples): after the first epoch a sample costs its transforms only.
+        Needs persistent DataLoader workers (or none) to survive from one epoch to the next.
+        """
         self.path = Path(manifest)
+        self._cache: dict[tuple, Any] | None = {} if cache else None
         self.audio_features = audio_features
         self.source = get_imagery_source(imagery_source)
         self.train = train
@@ -119,16 +128,19 @@ class ManifestDataset(Dataset):
             # A raster is read as the zoom's ground footprint resampled straight to the tile size (GDAL
             # "average", overviews when present): the same footprint and size as the official centre crop +
             # bicubic resize of a full-resolution tile, at a fraction of the cost (docs/faithfulness.md).
-            tile = read_raster_window(
-                path,
-                row.metadata["latitude"],
-                row.metadata["longitude"],
-                size_px=self.source.tile_size,
-                gsd_m=zoom * self.source.base_gsd_m,
+            tile = self._cached(
+                ("tile", index, zoom),
+                lambda: read_raster_window(
+                    path,
+                    row.metadata["latitude"],
+                    row.metadata["longitude"],
+                    size_px=self.source.tile_size,
+                    gsd_m=zoom * self.source.base_gsd_m,
+                ),
             )
             transform = TrainTransform(self.input_size) if self.train else EvalTransform(self.input_size)
             image = transform(to_float_tensor(tile, name=path), g)
-            return self._sample(row, image, zoom, load_audio, g)
+            return self._sample(index, row, image, zoom, load_audio, g)
         else:
             raw = load_image(path)
             # Reject tiles too small for the largest zoom whatever zoom this draw picked: a sample must not
@@ -140,21 +152,34 @@ class ManifestDataset(Dataset):
                     f"{max(self.source.zoom_levels)} needs {need}×{need} px"
                 )
         image = prepare_image(raw, self.source, zoom, self.train, g, input_size=self.input_size, name=path)
-        return self._sample(row, image, zoom, load_audio, g)
+        return self._sample(index, row, image, zoom, load_audio, g)
+
+    def _cached(self, key: tuple, make: Callable[[], Any]) -> Any:
+        if self._cache is None:
+            return make()
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     def _sample(
-        self, row: ManifestRow, image: torch.Tensor, zoom: int, load_audio: Callable, g: torch.Generator
+        self, index: int, row: ManifestRow, image: torch.Tensor, zoom: int, load_audio: Callable, g: torch.Generator
     ) -> Sample:
-        waveform = torch.from_numpy(load_audio(row.audio_path))
         sample = Sample(key=row.key, image=image, zoom=zoom, metadata=dict(row.metadata), caption=row.caption)
-        if self.audio_features:
-            from psm.data.audio import clap_fusion_features
+        if not self.audio_features:
+            sample.waveform = torch.from_numpy(load_audio(row.audio_path))
+            return sample
+        from psm.data.audio import clap_fusion_features
 
-            # Random chunks (from this sample's generator) in training, the fixed choice in evaluation.
-            features, is_longer = clap_fusion_features([waveform], generator=g if self.train else None)
-            sample.audio_features, sample.is_longer = features[0], bool(is_longer[0])
-        else:
-            sample.waveform = waveform
+        mel = self._cache.get(("mel", index)) if self._cache is not None else None
+        if mel is not None:  # a short clip: its four channels are one mel, with no random choice
+            sample.audio_features, sample.is_longer = mel.expand(4, *mel.shape), False
+            return sample
+        waveform = torch.from_numpy(load_audio(row.audio_path))
+        # Random chunks (from this sample's generator) in training, the fixed choice in evaluation.
+        features, is_longer = clap_fusion_features([waveform], generator=g if self.train else None)
+        sample.audio_features, sample.is_longer = features[0], bool(is_longer[0])
+        if self._cache is not None and not sample.is_longer:
+            self._cache[("mel", index)] = features[0, 0].clone()
         return sample
 
     def __getitem__(self, item: int | tuple[int, int]) -> Sample | None:

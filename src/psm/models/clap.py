@@ -10,12 +10,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import (
     ClapAudioConfig,
     ClapAudioModelWithProjection,
     ClapTextConfig,
     ClapTextModelWithProjection,
 )
+from transformers.models.clap.modeling_clap import ClapAudioEncoder
 
 from psm.models.config import ClapTowerConfig
 
@@ -33,12 +35,80 @@ def _build(model_cls, config_cls, cfg: ClapTowerConfig, projection_dim: int) -> 
     return model
 
 
+class _MelNormDeferredAffine(nn.BatchNorm2d):
+    """HTSAT's per-mel-bin input BatchNorm, whose affine part can wait until after the time interpolation.
+
+    HTSAT normalises the (B, 4, 1001, 64) mel input per bin, then stretches it to 1,024 frames by bicubic
+    interpolation. Both act per bin and the interpolation's weights sum to one, so
+    interp(γ·x̂ + β) = γ·interp(x̂) + β exactly. Since the input carries no gradient, x̂ and its interpolation
+    need no autograd at all, and the backward pass of the interpolation — half of a tiny model's CPU step,
+    and slow atomics on a GPU — disappears; γ and β get the same gradients. Same parameters and buffers as
+    the BatchNorm it replaces (checkpoints are unaffected); it falls back to the plain path when the input
+    requires a gradient.
+    """
+
+    pending_affine: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.pending_affine = not x.requires_grad and self.affine
+        if not self.pending_affine:
+            return super().forward(x)
+        # torch's _BatchNorm.forward with the affine left out (same running-statistics update).
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        with torch.no_grad():
+            return F.batch_norm(
+                x,
+                self.running_mean if keep_running else None,
+                self.running_var if keep_running else None,
+                None,
+                None,
+                use_batch_stats,
+                factor,
+                self.eps,
+            )
+
+
+class _ClapAudioEncoderDeferredNorm(ClapAudioEncoder):
+    """HF's CLAP audio encoder whose mel2img step applies the input norm's deferred affine (see above)."""
+
+    def reshape_mel2img(self, normalized_input_features: Tensor) -> Tensor:
+        norm = self.batch_norm
+        if not getattr(norm, "pending_affine", False):
+            return super().reshape_mel2img(normalized_input_features)
+        norm.pending_affine = False
+        x = normalized_input_features  # (B, C, T, F) normalised without the affine, no gradient
+        _, _, time_length, freq_length = x.shape
+        spec_width = int(self.spec_size * self.freq_ratio)
+        if freq_length == self.spec_size // self.freq_ratio and time_length < spec_width:
+            with torch.no_grad():  # the same call as HF's, outside autograd
+                x = F.interpolate(x, (spec_width, freq_length), mode="bicubic", align_corners=True)
+        # (A frequency interpolation would mix bins with different γ: then the affine goes first.)
+        return super().reshape_mel2img(x * norm.weight + norm.bias)
+
+
+def _defer_mel_norm_affine(encoder: nn.Module) -> None:
+    """Swap HTSAT's input BatchNorm and encoder class for the equivalents above, in place."""
+    old = encoder.batch_norm
+    new = _MelNormDeferredAffine(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats)
+    new.load_state_dict(old.state_dict())
+    new.train(old.training)
+    new.requires_grad_(any(p.requires_grad for p in old.parameters()))
+    encoder.batch_norm = new
+    encoder.__class__ = _ClapAudioEncoderDeferredNorm
+
+
 class AudioTower(nn.Module):
     """CLAP HTSAT audio encoder + CLAP projection → (B, embed_dim), not normalised (as HF returns it)."""
 
     def __init__(self, cfg: ClapTowerConfig, embed_dim: int) -> None:
         super().__init__()
         self.clap = _build(ClapAudioModelWithProjection, ClapAudioConfig, cfg, embed_dim)
+        _defer_mel_norm_affine(self.clap.audio_model.audio_encoder)
         self.frozen = cfg.freeze
         self.fusion = bool(self.clap.config.enable_fusion)
         self.force_is_longer = cfg.force_is_longer

@@ -32,6 +32,9 @@ class PSMDataModule(L.LightningDataModule):
     byte-level BPE on the training captions (tiny models, the offline world); it is saved in the run folder
     so evaluation and exported checkpoints use the same one. Skipped samples are written to
     ``<run>/skipped.*.jsonl`` and counted.
+
+    ``cache=True`` (manifest training) keeps raster windows and short clips' CLAP features in memory from
+    one epoch to the next (:class:`ManifestDataset`), with persistent workers: for small datasets on a CPU.
     """
 
     def __init__(
@@ -54,12 +57,15 @@ class PSMDataModule(L.LightningDataModule):
         allow_pickle: bool = False,
         official_dataset: str = "auto",
         features_in_workers: bool = False,
+        cache: bool = False,
     ) -> None:
         super().__init__()
         if (manifest is None) == (shards is None):
             raise ValueError("give exactly one of data.manifest and data.shards")
         if shards is not None and tokenizer == "bpe":
             raise ValueError("with shards, give data.tokenizer as a tokenizer folder ('bpe' reads a manifest)")
+        if cache and shards is not None:
+            raise ValueError("data.cache is for manifest training; shards stream and are not cached")
         if shard_format not in ("psm", "official"):
             raise ValueError(f"shard_format must be 'psm' or 'official', got {shard_format!r}")
         self.save_hyperparameters()
@@ -111,6 +117,7 @@ class PSMDataModule(L.LightningDataModule):
             on_error=hp.on_error,
             skip_log=self.skip_log,
             audio_features=hp.features_in_workers,
+            cache=hp.cache,
         )
         if hp.shards is not None:
             self._setup_shards(stage, cfg.image.img_size)
@@ -190,8 +197,12 @@ class PSMDataModule(L.LightningDataModule):
             sampler=sampler,
             collate_fn=self._collate(),
             num_workers=self.hparams.num_workers,
-            persistent_workers=False,
+            persistent_workers=self._persistent(),
         )
+
+    def _persistent(self) -> bool:
+        """Workers outlive an epoch (and a validation run) only when they hold a cache worth keeping."""
+        return bool(self.hparams.cache and self.hparams.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         if self.hparams.shards is not None:  # the shard reader splits by rank itself
@@ -210,4 +221,5 @@ class PSMDataModule(L.LightningDataModule):
             sampler=share,
             collate_fn=self._collate(),
             num_workers=self.hparams.num_workers,
+            persistent_workers=self._persistent(),
         )
