@@ -591,20 +591,21 @@ def background(rng: np.random.Generator, n: int, ambience: tuple[float, float, f
     place's keynote sounds, each in [0, 1]: ``ambience = (urban, foliage, water)`` — a distant low rumble
     of town (25-350 Hz), leaves rustling (1.5-6.5 kHz) and water lapping (0.2-1.5 kHz). They are not
     events (no label): the steady character of a place that lies under whatever happens there. At full
-    strength they stand 20 / 12 / 12 dB over the base noise, whose tilt varies only within pink-ish limits:
-    with a wider tilt range and keynotes 14-18 dB quieter they drowned in it (tests/test_world.py)."""
-    tilt = float(rng.uniform(-1.5, -1.1))
+    strength they stand 22 / 2 / 14 dB over the base noise, whose tilt varies only within pink-ish limits:
+    with a wider tilt range and keynotes 4-18 dB quieter they drowned in it; a louder rustle would in turn
+    mask construction, which shares its band (tests/test_world.py)."""
+    tilt = float(rng.uniform(-1.6, -1.0))
     out = band_noise(rng, n, 25, 7600, tilt=tilt)
     out *= 1.0 + 0.2 * smooth_random(rng, n, 0.2)
     urban, foliage, water = (float(np.clip(v, 0.0, 1.0)) for v in ambience)
     if urban > 0.02:
-        out += band_noise(rng, n, 25, 350, tilt=-1.0) * np.float32(10.0 ** ((0.0 + 20.0 * urban) / 20.0))
+        out += band_noise(rng, n, 25, 350, tilt=-1.0) * np.float32(10.0 ** ((2.0 + 20.0 * urban) / 20.0))
     if foliage > 0.02:
         am = np.clip(0.7 + 0.4 * smooth_random(rng, n, 0.3), 0.1, None)
-        out += band_noise(rng, n, 1500, 6500) * am * np.float32(10.0 ** ((-2.0 + 14.0 * foliage) / 20.0))
+        out += band_noise(rng, n, 1500, 6500) * am * np.float32(10.0 ** ((-12.0 + 14.0 * foliage) / 20.0))
     if water > 0.02:
         am = np.clip(0.6 + 0.5 * smooth_random(rng, n, 0.5), 0.05, None)
-        out += band_noise(rng, n, 200, 1500) * am * np.float32(10.0 ** ((-2.0 + 14.0 * water) / 20.0))
+        out += band_noise(rng, n, 200, 1500) * am * np.float32(10.0 ** ((0.0 + 14.0 * water) / 20.0))
     return _unit(out)
 
 
