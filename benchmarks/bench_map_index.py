@@ -45,8 +45,9 @@ RASTER_PX = 4000  # 40 km of 10 m pixels: room for zoom-5 footprints (12.8 km) a
 X0, Y0 = 330000.0, 5830000.0
 
 
-def make_raster(path: Path) -> Path:
-    """A textured 3-band GeoTIFF (EPSG:32633, 10 m, tiled, deflate), like a Sentinel-2 RGB mosaic."""
+def make_raster(path: Path, overviews: bool = False) -> Path:
+    """A textured 3-band GeoTIFF (EPSG:32633, 10 m, tiled, deflate), like a Sentinel-2 RGB mosaic; with
+    ``overviews`` also 2×–16× average overviews, as a Cloud-Optimized GeoTIFF carries them."""
     import rasterio
     from rasterio.transform import from_origin
 
@@ -77,6 +78,10 @@ def make_raster(path: Path) -> Path:
             )
             noise = rng.normal(0, 12, base.shape)
             dst.write(np.clip(base + noise, 0, 255).astype(np.uint8), window=((r0, r0 + 500), (0, RASTER_PX)))
+        if overviews:
+            from rasterio.enums import Resampling
+
+            dst.build_overviews([2, 4, 8, 16], Resampling.average)
     return path
 
 
@@ -265,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embed-dim", type=int, default=512, help="feature width of the memory run's stub model")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--overviews", action="store_true", help="give the raster overviews, as a COG has (GDAL reads them)"
+    )
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child is not None:
@@ -279,8 +287,12 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             t0 = time.perf_counter()
-            raster = make_raster(tmp / "mosaic.tif")
-            print(f"raster {RASTER_PX}² px written in {time.perf_counter() - t0:.1f} s", flush=True)
+            raster = make_raster(tmp / "mosaic.tif", overviews=args.overviews)
+            print(
+                f"raster {RASTER_PX}² px{' with overviews' if args.overviews else ''} written in "
+                f"{time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
             grid = inner_grid(args.points)
             pts = grid.points(0, len(grid))
             n_tiles = len(grid) * len(zooms)
