@@ -168,12 +168,17 @@ def _query(args: argparse.Namespace, model: Any) -> Any:
 
     if args.audio is not None:
         return embed_audio_query(model, args.audio)
+    return embed_text_query(model, _tokenizer(args), args.text)
+
+
+def _tokenizer(args: argparse.Namespace) -> Any:
+    """The tokenizer for text queries: ``--tokenizer DIR``, else the one saved in the checkpoint folder."""
     from psm.data.text import load_tokenizer
 
     folder = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / TOKENIZER_DIR
     if not folder.is_dir():
-        raise _UsageError(f"a text query needs a tokenizer: none at {folder} (pass --tokenizer DIR)")
-    return embed_text_query(model, load_tokenizer(folder), args.text)
+        raise _UsageError(f"text queries need a tokenizer: none at {folder} (pass --tokenizer DIR)")
+    return load_tokenizer(folder)
 
 
 def _setting(args: argparse.Namespace, location_default: bool | None = None) -> Any:
@@ -384,20 +389,16 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
 def _do_agreement(args: argparse.Namespace) -> int:
     import json
 
-    from psm.data.text import load_tokenizer
     from psm.data.world import load_world
     from psm.evaluation.report import write_text_atomic
     from psm.maps.agreement import truth_agreement
     from psm.maps.query import default_zoom
 
     index, model = _load(args)
-    folder = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / TOKENIZER_DIR
-    if not folder.is_dir():
-        raise _UsageError(f"text queries need a tokenizer: none at {folder} (pass --tokenizer DIR)")
     result = truth_agreement(
         index,
         model,
-        load_tokenizer(folder),
+        _tokenizer(args),
         load_world(args.world),
         month=args.month,
         hours=args.hours,
