@@ -35,6 +35,32 @@ def _build(model_cls, config_cls, cfg: ClapTowerConfig, projection_dim: int) -> 
     return model
 
 
+def _bicubic(x: Tensor, n_out: int) -> Tensor:
+    return F.interpolate(x, (n_out, x.shape[3]), mode="bicubic", align_corners=True)
+
+
+@torch.no_grad()
+def stretch_frames(x: Tensor, n_out: int) -> Tensor:
+    """HF's ``F.interpolate(x, (n_out, F), mode="bicubic", align_corners=True)`` of (B, C, T, F) mel input.
+
+    HTSAT stretches 1,001 frames to 1,024, the largest single cost of the tiny model's CPU step; for every
+    clip up to 10 s the four channels are four copies of one mel. Each such clip is stretched once and
+    repeated (the same kernel on the same values: bit-identical), the others as HF does. No gradient.
+    """
+    if x.shape[1] == 1:
+        return _bicubic(x, n_out)
+    repeats = (x[:, 1:] == x[:, :1]).flatten(1).all(1)
+    if not bool(repeats.any()):
+        return _bicubic(x, n_out)
+    out = _bicubic(x[:, :1], n_out).expand(-1, x.shape[1], -1, -1)
+    if bool(repeats.all()):
+        return out
+    out = out.clone()
+    distinct = (~repeats).nonzero().squeeze(1)
+    out[distinct] = _bicubic(x[distinct], n_out)
+    return out
+
+
 class _MelNormDeferredAffine(nn.BatchNorm2d):
     """HTSAT's per-mel-bin input BatchNorm, whose affine part can wait until after the time interpolation.
 
@@ -85,8 +111,7 @@ class _ClapAudioEncoderDeferredNorm(ClapAudioEncoder):
         _, _, time_length, freq_length = x.shape
         spec_width = int(self.spec_size * self.freq_ratio)
         if freq_length == self.spec_size // self.freq_ratio and time_length < spec_width:
-            with torch.no_grad():  # the same call as HF's, outside autograd
-                x = F.interpolate(x, (spec_width, freq_length), mode="bicubic", align_corners=True)
+            x = stretch_frames(x, spec_width)  # HF's bicubic call, outside autograd and without repeats
         # (A frequency interpolation would mix bins with different γ: then the affine goes first.)
         return super().reshape_mel2img(x * norm.weight + norm.bias)
 
