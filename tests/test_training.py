@@ -118,20 +118,45 @@ def test_killed_run_resumes_to_the_same_step_count(tmp_path):
     load_checkpoint(run / "export" / "best")
 
 
-def test_train_from_packed_shards(tmp_path):
+def _corrupt_first_audio_member(shard: Path) -> str:
+    """Rewrite ``shard`` with its first audio member's bytes replaced by garbage; returns that member's key."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    bad = next(m.name for m, _ in members if m.name.rsplit(".", 1)[-1] in ("flac", "wav", "ogg", "mp3"))
+    tmp = shard.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for m, data in members:
+            data = b"not audio at all" if m.name == bad else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    tmp.replace(shard)
+    return bad.split(".", 1)[0]
+
+
+def test_train_from_packed_shards(tmp_path, capsys):
+    """Training reads packed shards; a corrupt clip is skipped by policy, logged, and counted in the
+    end-of-run summary (shard and manifest loaders keep separate logs, one summary)."""
     from psm.cli import main as cli_main
+    from psm.data.shards import read_error_logs
     from psm.data.text import build_bpe_tokenizer
     from psm.training.train import run_training
 
     manifest = make_raster_manifest(tmp_path, n=12, val_every=3)
     for split in ("train", "val"):
         assert cli_main(["data", "pack", str(manifest), str(tmp_path / "shards"), "--split", split]) == 0
+    bad_key = _corrupt_first_audio_member(sorted((tmp_path / "shards").glob("train-*.tar"))[0])
     build_bpe_tokenizer(["sound number with birds"] * 10, vocab_size=300).save_pretrained(tmp_path / "tok")
     args = _args(manifest, tmp_path / "run", steps=3, every=3)
     i = args.index("--data.manifest")
     args[i : i + 2] = ["--data.shards", str(tmp_path / "shards"), "--data.tokenizer", str(tmp_path / "tok")]
-    assert run_training(args) == 0
+    assert run_training([*args, "--data.on_error", "skip"]) == 0
     assert load_training_state(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    errors = [e for e in read_error_logs(tmp_path / "run" / "skipped-train.jsonl") if e["kind"] == "error"]
+    assert errors and {e["key"] for e in errors} == {bad_key}
+    assert f"skipped {len(errors)} bad samples" in capsys.readouterr().out
 
 
 def test_dataset_cache_gives_the_same_samples_and_stops_rereading(tmp_path):

@@ -78,6 +78,28 @@ class PSMDataModule(L.LightningDataModule):
     def run_dir(self) -> Path:
         return Path(self.trainer.default_root_dir if self.trainer is not None else ".")
 
+    def skipped_report(self) -> tuple[int, list[str]]:
+        """Samples left out under ``on_error="skip"`` by every process so far, and the report files' patterns.
+
+        Manifest loaders write ``<run>/skipped.<pid>.jsonl`` (psm.data.errors.SkipLog), shard loaders
+        ``<run>/skipped-<split>.rank<r>.worker<w>.jsonl`` (psm.data.shards); top-ups of an uneven shard split
+        are logged there too but are not skipped samples.
+        """
+        from psm.data.shards import read_error_logs
+
+        count, where = 0, []
+        if self.skip_log is not None and self.skip_log.path is not None:
+            n = len(SkipLog.read_all(self.skip_log.path))
+            if n:
+                count, where = count + n, [*where, f"{self.skip_log.path}.*.jsonl"]
+        if self.hparams.shards is not None:
+            for split in (self.hparams.train_split, self.hparams.val_split):
+                base = self.run_dir / f"skipped-{split}.jsonl"
+                n = sum(entry.get("kind") != "fill" for entry in read_error_logs(base))
+                if n:
+                    count, where = count + n, [*where, str(base.with_name(f"skipped-{split}.rank*.worker*.jsonl"))]
+        return count, where
+
     def _build_tokenizer(self, vocab_size: int) -> Any:
         spec = self.hparams.tokenizer
         saved = self.run_dir / TOKENIZER_DIR

@@ -57,13 +57,10 @@ class ExportCheckpoints(Callback):
         if best and Path(best).is_file():
             state = load_training_state(best)["state_dict"]
             export_weights(module, state, run_dir / "export" / "best", run_dir)
-        skip_log = getattr(trainer.datamodule, "skip_log", None)
-        if skip_log is not None and skip_log.path is not None:
-            from psm.data.errors import SkipLog
-
-            skipped = SkipLog.read_all(skip_log.path)
-            if skipped:
-                print(f"skipped {len(skipped)} bad samples; report: {skip_log.path}.*.jsonl")
+        report = getattr(trainer.datamodule, "skipped_report", None)
+        count, where = report() if report is not None else (0, [])
+        if count:
+            print(f"skipped {count} bad samples; report: {', '.join(where)}")
 
 
 class PSMCLI(LightningCLI):
