@@ -17,8 +17,10 @@ from psm.data.audio import (
     _resize_frames,
     _signals_gather,
     _signals_loop,
+    clap_clip_mel,
     clap_fusion_features,
     clap_fusion_features_from_files,
+    clap_fusion_from_mel,
     fusion_chunk_ranges,
     load_audio,
     mel_filterbank,
@@ -180,6 +182,22 @@ def test_seeded_generator_is_reproducible(long_clip):
     assert torch.equal(a, b)
     assert not torch.equal(a[:, 1:], c[:, 1:])
     assert torch.equal(a[:, 0], c[:, 0])  # the global view is not random
+
+
+@pytest.mark.parametrize("n_samples", [100_000, 480_000, 480_300, 1_200_000])
+def test_fusion_from_a_kept_clip_mel_is_bit_identical(n_samples):
+    """A dataset keeps a clip's whole mel and draws chunks from it each epoch: the same features and the
+    same use of the generator as computing them from the waveform (short, 10 s, corner case, long)."""
+    clip = torch.from_numpy(make_clip(n_samples, seed=5))
+    mel = clap_clip_mel(clip)
+    for seed in (None, 1, 2):
+        g1 = torch.Generator().manual_seed(seed) if seed is not None else None
+        g2 = torch.Generator().manual_seed(seed) if seed is not None else None
+        expected, longer = clap_fusion_features([clip], generator=g1)
+        got, got_longer = clap_fusion_from_mel(mel, generator=g2)
+        assert torch.equal(got, expected[0]) and got_longer == bool(longer[0])
+        if seed is not None:
+            assert torch.equal(g1.get_state(), g2.get_state())
 
 
 def test_default_starts_are_range_midpoints(long_clip):

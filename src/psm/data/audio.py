@@ -516,21 +516,61 @@ def clap_fusion_features(
         gi = torch.tensor(group, dtype=torch.int64)
         signals = build([clips[i] for i in group], eff[gi].tolist(), spec, dtype, ws)
         mel = _log_mel(signals, spec, ws, block_frames)
-        g_long = is_longer[gi]
-        short = (~g_long).nonzero().flatten()
-        if short.numel():
-            # Short clips (and the 1001-frame corner case): the same mel in all four channels.
-            first = mel[short.to(device), :n_chunk]
-            out[gi[short].to(device)] = first.unsqueeze(1).expand(-1, spec.n_channels, -1, -1)
-        long_ = g_long.nonzero().flatten()
-        if long_.numel():
-            rows, sel = gi[long_], long_.to(device)
-            # Local chunks are slices of the one mel, indexed (R, 3, chunk) at once.
-            frame_idx = starts[rows].to(device)[:, :, None] + torch.arange(n_chunk, device=device)
-            out[rows.to(device), 1:] = mel[sel[:, None, None], frame_idx]
-            out[rows.to(device), 0] = _resize_frames(mel[sel], total[rows], n_chunk)
+        _fuse(out, gi.to(device), mel, total[gi], starts[gi], is_longer[gi], spec)
         del mel
     return out, is_longer.to(device)
+
+
+def _fuse(
+    out: Tensor, rows: Tensor, mel: Tensor, total: Tensor, starts: Tensor, is_longer: Tensor, spec: ClapFeatureSpec
+) -> None:
+    """Write the fusion channels of clips ``rows`` of ``out`` from their whole-clip mels (G, frames, mels)."""
+    device, n_chunk = mel.device, spec.chunk_frames
+    short = (~is_longer).nonzero().flatten()
+    if short.numel():
+        # Short clips (and the 1001-frame corner case): the same mel in all four channels.
+        first = mel[short.to(device), :n_chunk]
+        out[rows[short.to(device)]] = first.unsqueeze(1).expand(-1, spec.n_channels, -1, -1)
+    long_ = is_longer.nonzero().flatten()
+    if long_.numel():
+        sel = long_.to(device)
+        # Local chunks are slices of the one mel, indexed (R, 3, chunk) at once.
+        frame_idx = starts[long_].to(device)[:, :, None] + torch.arange(n_chunk, device=device)
+        out[rows[sel], 1:] = mel[sel[:, None, None], frame_idx]
+        out[rows[sel], 0] = _resize_frames(mel[sel], total[long_], n_chunk)
+
+
+@torch.no_grad()
+def clap_clip_mel(waveform: Tensor | np.ndarray, spec: ClapFeatureSpec = DEFAULT_SPEC) -> Tensor:
+    """The log-mel (frames, 64) of one 48 kHz clip (repeat-padded to 10 s when shorter) that CLAP's fusion
+    features are cut from: deterministic, so a dataset can keep it and draw new chunks every epoch with
+    :func:`clap_fusion_from_mel`."""
+    clips, lens = _as_batch([waveform], None)
+    eff = torch.clamp(lens, min=spec.max_samples)
+    build, block_frames, _ = _device_plan(clips[0].device)
+    ws = _Workspace(clips[0].device)
+    signals = build(clips, eff.tolist(), spec, getattr(torch, spec.fft_dtype), ws)
+    return _log_mel(signals, spec, ws, block_frames)[0, : int(spec.n_frames(eff)[0])].clone()
+
+
+@torch.no_grad()
+def clap_fusion_from_mel(
+    mel: Tensor,
+    *,
+    chunk_starts: _Starts | None = None,
+    generator: torch.Generator | None = None,
+    spec: ClapFeatureSpec = DEFAULT_SPEC,
+) -> tuple[Tensor, bool]:
+    """``clap_fusion_features`` of one clip from its :func:`clap_clip_mel`: (4, 1001, 64) and is_longer,
+    with the same draws from ``generator`` (bit-identical)."""
+    total = torch.tensor([mel.shape[0]])
+    is_longer = total > spec.chunk_frames
+    starts = _resolve_starts(chunk_starts, generator, total, is_longer, spec)
+    if not bool(is_longer[0]):  # four views of one mel: no copy until a batch is stacked
+        return mel[: spec.chunk_frames].expand(spec.n_channels, -1, -1), False
+    out = torch.empty(1, spec.n_channels, spec.chunk_frames, spec.n_mels, dtype=torch.float32, device=mel.device)
+    _fuse(out, torch.zeros(1, dtype=torch.int64, device=mel.device), mel[None], total, starts, is_longer, spec)
+    return out[0], True
 
 
 def _device_plan(device: torch.device) -> tuple[Callable[..., Tensor], int | None, int]:

@@ -168,18 +168,13 @@ class ManifestDataset(Dataset):
         if not self.audio_features:
             sample.waveform = torch.from_numpy(load_audio(row.audio_path))
             return sample
-        from psm.data.audio import clap_fusion_features
+        from psm.data.audio import clap_clip_mel, clap_fusion_from_mel
 
-        mel = self._cache.get(("mel", index)) if self._cache is not None else None
-        if mel is not None:  # a short clip: its four channels are one mel, with no random choice
-            sample.audio_features, sample.is_longer = mel.expand(4, *mel.shape), False
-            return sample
-        waveform = torch.from_numpy(load_audio(row.audio_path))
+        # The clip's whole log-mel is deterministic: kept with data.cache, so that each epoch only draws new
+        # chunks of a long clip (a short clip's four channels are its one mel).
+        mel = self._cached(("mel", index), lambda: clap_clip_mel(load_audio(row.audio_path)))
         # Random chunks (from this sample's generator) in training, the fixed choice in evaluation.
-        features, is_longer = clap_fusion_features([waveform], generator=g if self.train else None)
-        sample.audio_features, sample.is_longer = features[0], bool(is_longer[0])
-        if self._cache is not None and not sample.is_longer:
-            self._cache[("mel", index)] = features[0, 0].clone()
+        sample.audio_features, sample.is_longer = clap_fusion_from_mel(mel, generator=g if self.train else None)
         return sample
 
     def __getitem__(self, item: int | tuple[int, int]) -> Sample | None:
