@@ -51,9 +51,10 @@ class ManifestDataset(Dataset):
         overlapping the model on CPU training); otherwise samples carry waveforms for the training device.
 
         ``cache=True`` keeps, in this process, what does not change between epochs: each raster window read
-        (per zoom, before the random crop and flip) and the CLAP features of clips of at most 10 s (their
-        features have no random chunk choice). For small datasets trained for many epochs on a CPU (the
-        offline world: ~1.5 GB for 2,222 samples): after the first epoch a sample costs its transforms only.
+        (per zoom, before the random crop and flip) and each clip's whole log-mel (CLAP's fusion features of
+        a clip up to 10 s are that mel; a longer clip's random chunks are slices of it). For small datasets
+        trained for many epochs on a CPU (the offline world: ~1.5 GB for 2,222 samples): after the first
+        epoch a sample costs its transforms and chunk draws only.
         Needs persistent DataLoader workers (or none) to survive from one epoch to the next.
         """
         self.path = Path(manifest)

@@ -33,7 +33,7 @@ class PSMDataModule(L.LightningDataModule):
     so evaluation and exported checkpoints use the same one. Skipped samples are written to
     ``<run>/skipped.*.jsonl`` and counted.
 
-    ``cache=True`` (manifest training) keeps raster windows and short clips' CLAP features in memory from
+    ``cache=True`` (manifest training) keeps raster windows and each clip's log-mel in memory from
     one epoch to the next (:class:`ManifestDataset`), with persistent workers: for small datasets on a CPU.
     """
 
