@@ -86,9 +86,14 @@ class _MelNormDeferredAffine(nn.BatchNorm2d):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
+        rows = x.transpose(1, 3)
+        # HTSAT hands over a transposed view (B, mel, T, C) of contiguous (B, C, T, mel) features: per-bin
+        # statistics over the (B·C·T, mel) rows are the same numbers, and the contiguous 2-D kernel is ~5×
+        # faster on a CPU than the strided 4-D one (float32 sums in another order: rounding only).
+        flat = x.dim() == 4 and rows.is_contiguous()
         with torch.no_grad():
-            return F.batch_norm(
-                x,
+            out = F.batch_norm(
+                rows.reshape(-1, x.shape[1]) if flat else x,
                 self.running_mean if keep_running else None,
                 self.running_var if keep_running else None,
                 None,
@@ -97,6 +102,7 @@ class _MelNormDeferredAffine(nn.BatchNorm2d):
                 factor,
                 self.eps,
             )
+        return out.view(rows.shape).transpose(1, 3) if flat else out
 
 
 class _ClapAudioEncoderDeferredNorm(ClapAudioEncoder):
