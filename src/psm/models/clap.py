@@ -50,14 +50,13 @@ def stretch_frames(x: Tensor, n_out: int) -> Tensor:
     if x.shape[1] == 1:
         return _bicubic(x, n_out)
     repeats = (x[:, 1:] == x[:, :1]).flatten(1).all(1)
+    if bool(repeats.all()):
+        return _bicubic(x[:, :1], n_out).expand(-1, x.shape[1], -1, -1)
     if not bool(repeats.any()):
         return _bicubic(x, n_out)
-    out = _bicubic(x[:, :1], n_out).expand(-1, x.shape[1], -1, -1)
-    if bool(repeats.all()):
-        return out
-    out = out.clone()
-    distinct = (~repeats).nonzero().squeeze(1)
-    out[distinct] = _bicubic(x[distinct], n_out)
+    out = x.new_empty(x.shape[0], x.shape[1], n_out, x.shape[3])
+    out[repeats] = _bicubic(x[repeats, :1], n_out)  # broadcast over the channels
+    out[~repeats] = _bicubic(x[~repeats], n_out)
     return out
 
 
@@ -86,10 +85,10 @@ class _MelNormDeferredAffine(nn.BatchNorm2d):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
-        rows = x.transpose(1, 3)
         # HTSAT hands over a transposed view (B, mel, T, C) of contiguous (B, C, T, mel) features: per-bin
         # statistics over the (B·C·T, mel) rows are the same numbers, and the contiguous 2-D kernel is ~5×
         # faster on a CPU than the strided 4-D one (float32 sums in another order: rounding only).
+        rows = x.transpose(1, 3) if x.dim() == 4 else x
         flat = x.dim() == 4 and rows.is_contiguous()
         with torch.no_grad():
             out = F.batch_norm(

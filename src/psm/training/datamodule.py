@@ -87,18 +87,19 @@ class PSMDataModule(L.LightningDataModule):
         """
         from psm.data.shards import read_error_logs
 
-        count, where = 0, []
+        found: list[tuple[int, str]] = []
         if self.skip_log is not None and self.skip_log.path is not None:
-            n = len(SkipLog.read_all(self.skip_log.path))
-            if n:
-                count, where = count + n, [*where, f"{self.skip_log.path}.*.jsonl"]
+            found.append((len(SkipLog.read_all(self.skip_log.path)), f"{self.skip_log.path}.*.jsonl"))
         if self.hparams.shards is not None:
             for split in (self.hparams.train_split, self.hparams.val_split):
-                base = self.run_dir / f"skipped-{split}.jsonl"
-                n = sum(entry.get("kind") != "fill" for entry in read_error_logs(base))
-                if n:
-                    count, where = count + n, [*where, str(base.with_name(f"skipped-{split}.rank*.worker*.jsonl"))]
-        return count, where
+                log = self._shard_error_log(split)
+                n = sum(entry.get("kind") != "fill" for entry in read_error_logs(log))
+                found.append((n, str(log.with_name(f"{log.stem}.rank*.worker*{log.suffix}"))))
+        return sum(n for n, _ in found), [where for n, where in found if n]
+
+    def _shard_error_log(self, split: str) -> Path:
+        """Base name of the shard loaders' per-rank/worker skip logs for ``split`` (psm.data.shards)."""
+        return self.run_dir / f"skipped-{split}.jsonl"
 
     def _build_tokenizer(self, vocab_size: int) -> Any:
         spec = self.hparams.tokenizer
@@ -169,7 +170,7 @@ class PSMDataModule(L.LightningDataModule):
                 world_size=trainer.world_size,
                 even="pad" if train else None,
                 on_error=hp.on_error,
-                error_log=self.run_dir / f"skipped-{split}.jsonl",
+                error_log=self._shard_error_log(split),
             )
             if hp.shard_format == "official":
                 ds = OfficialShardDataset(
