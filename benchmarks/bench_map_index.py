@@ -120,19 +120,21 @@ def baseline_tiles_per_s(model, raster: Path, lats, lons, zooms, batch: int = 10
     return len(lats) * len(zooms) / (time.perf_counter() - start)
 
 
-def forward_tiles_per_s(model, batch: int, device: str, repeats: int = 10) -> float:
+def forward_tiles_per_s(model, batch: int, device: str, repeats: int = 10, compile: bool = False) -> float:
     """The image encoder alone on a batch already on the device (bf16 autocast on CUDA): the model's ceiling."""
     dev = torch.device(device)
     size = model.config.image.img_size
     images = torch.randn(batch, 3, size, size, device=dev)
     zoom = torch.full((batch,), model.config.image.zoom_levels[0], device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    features = torch.compile(model.image_features, dynamic=False) if compile else model.image_features
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        model.image_features(images, zoom)
+        features(images, zoom)
+        features(images, zoom)
         sync()
         start = time.perf_counter()
         for _ in range(repeats):
-            model.image_features(images, zoom)
+            features(images, zoom)
         sync()
     return batch * repeats / (time.perf_counter() - start)
 
@@ -164,12 +166,14 @@ def stub_decoder(lats, lons, zooms) -> DecodedBatch:
     return DecodedBatch({z: torch.zeros(n, 3, 1, 1) for z in zooms}, {z: np.ones(n, bool) for z in zooms})
 
 
-def constant_decoder(size: int):
-    """Every point valid with the same model-sized image: the model-only rate."""
+def constant_decoder(size: int, device: str = "cpu"):
+    """Every point valid with the same model-sized image (made on ``device``): the model-only rate."""
 
     def decode(lats, lons, zooms) -> DecodedBatch:
         n = len(lats)
-        return DecodedBatch({z: torch.zeros(n, 3, size, size) for z in zooms}, {z: np.ones(n, bool) for z in zooms})
+        return DecodedBatch(
+            {z: torch.zeros(n, 3, size, size, device=device) for z in zooms}, {z: np.ones(n, bool) for z in zooms}
+        )
 
     return decode
 
@@ -273,6 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--overviews", action="store_true", help="give the raster overviews, as a COG has (GDAL reads them)"
     )
+    parser.add_argument(
+        "--transform-on", choices=("auto", "workers", "device"), default="auto", help="build_index's transform_on"
+    )
+    parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile of the encoder")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child is not None:
@@ -302,7 +310,9 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
 
-            def ours(decoder=None, m=model, name="ours") -> float:
+            on_device = args.transform_on == "device" or (args.transform_on == "auto" and args.device != "cpu")
+
+            def ours(decoder=None, m=model, name="ours", compile=False) -> float:
                 with RasterProvider([raster], workers=args.workers) as prov:
                     rep = build_index(
                         m,
@@ -316,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
                         device=args.device,
                         progress=False,
                         decoder=decoder,
+                        transform_on=args.transform_on,
+                        compile=compile,
                     )
                 assert rep.complete and rep.tiles == n_tiles
                 if decoder is None:
@@ -328,16 +340,33 @@ def main(argv: list[str] | None = None) -> None:
                 model, raster, pts.latitude[:nb], pts.longitude[:nb], zooms, device=args.device
             )
             decode_rate = ours(m=StubModel(model.config).to(args.device), name="decode-only")
-            model_rate = ours(decoder=constant_decoder(model.config.image.img_size), name="model-only")
-            print(f"ours (prefetch, {args.workers} decode threads): {ours_rate:8.1f} tiles/s")
+            size = model.config.image.img_size
+            model_dev = args.device if on_device else "cpu"
+            model_rate = ours(decoder=constant_decoder(size, model_dev), name="model-only")
+            place = "the model's device" if on_device else "the decode threads"
+            print(f"ours (prefetch, {args.workers} decode threads, transforms on {place}): {ours_rate:8.1f} tiles/s")
             print(f"baseline (per-zoom single-thread loop, batch 1000, {nb} points): {base_rate:8.1f} tiles/s")
             print(f"ratio ours / baseline: {ours_rate / base_rate:.2f}×")
             print(f"decode only (stub model):   {decode_rate:8.1f} tiles/s")
-            print(f"model only (stub decoder):  {model_rate:8.1f} tiles/s")
+            print(f"model only (stub decoder, images made on {model_dev}):  {model_rate:8.1f} tiles/s")
             print(
                 f"ViT forward only (device-resident batch of {args.batch_size}): "
                 f"{forward_tiles_per_s(model, args.batch_size, args.device):8.1f} tiles/s"
             )
+            if args.compile:
+                t0 = time.perf_counter()
+                ours(name="ours-compile-warmup", compile=True)  # compiles (cached for the same code and shapes)
+                warm = time.perf_counter() - t0
+                compiled_rate = ours(name="ours-compiled", compile=True)
+                print(
+                    f"ours + torch.compile of the encoder: {compiled_rate:8.1f} tiles/s "
+                    f"(a first run, compiling: {warm:.0f} s)"
+                )
+                print(f"ratio ours+compile / baseline: {compiled_rate / base_rate:.2f}×")
+                print(
+                    f"ViT forward only, compiled: "
+                    f"{forward_tiles_per_s(model, args.batch_size, args.device, compile=True):8.1f} tiles/s"
+                )
 
     if not args.skip_memory:
         small = run_memory(max(1000, args.memory_points // 10), args.chunk_size, args.embed_dim)

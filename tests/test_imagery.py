@@ -21,6 +21,7 @@ from psm.data.imagery import (
     SatelliteView,
     eval_transform,
     load_image,
+    prepare_eval_batch,
     prepare_image,
     random_resized_crop_params,
     read_raster_window,
@@ -201,6 +202,27 @@ def test_sample_zoom_uniform_over_source_levels() -> None:
     assert set(draws) == {1, 3, 5} and all(60 < draws.count(z) < 140 for z in (1, 3, 5))
     assert sample_zoom("sentinel", torch.Generator().manual_seed(0)) == draws[0]  # official name works too
     assert {sample_zoom("google_earth", gen) for _ in range(20)} == {1}
+
+
+def test_prepare_eval_batch_is_prepare_image_bit_for_bit() -> None:
+    """The batched (device-side) eval preparation is the per-image one, for every zoom and input size."""
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (3, 1280, 1280, 3), dtype=np.uint8)
+    for zoom, size in ((1, 224), (3, 224), (5, 224), (3, 192)):
+        need = zoom * 256
+        top = (1280 - need) // 2
+        one_by_one = torch.stack(
+            [
+                prepare_image(r[top : top + need, top : top + need], "sentinel2", zoom, False, input_size=size)
+                for r in raw
+            ]
+        )
+        batched = prepare_eval_batch(torch.from_numpy(raw), "sentinel2", zoom, input_size=size)
+        assert torch.equal(batched, one_by_one), (zoom, size)
+    with pytest.raises(ImageryError, match="needs at least 1280"):
+        prepare_eval_batch(torch.from_numpy(raw[:, :1000, :1000]), "sentinel2", 5)
+    with pytest.raises(ImageryError, match="uint8"):
+        prepare_eval_batch(torch.from_numpy(raw).float(), "sentinel2", 1)
 
 
 def test_prepare_image_and_view() -> None:

@@ -25,7 +25,7 @@ from conftest import shared_data
 from psm.data.imagery import prepare_image, read_raster_window
 from psm.maps.command import main as map_main
 from psm.maps.grid import Region, grid_for_region, grid_like_raster
-from psm.maps.index import FORMAT, IndexMismatchError, build_index, index_progress, read_index_meta
+from psm.maps.index import FORMAT, ImageEncoder, IndexMismatchError, build_index, index_progress, read_index_meta
 from psm.maps.sources import RasterProvider, XYZProvider
 from psm.models.factory import create_model
 
@@ -173,6 +173,40 @@ def test_features_equal_a_direct_read(full_index, raster):
             np.testing.assert_allclose(arrays[f"z{z}"][i].astype(np.float32), direct, rtol=2e-3, atol=2e-3)
 
 
+def test_transform_on_device_gives_the_same_index(full_index, raster, tmp_path):
+    """The GPU path (raw footprints moved, transformed as batches) on CPU: same validity, same features.
+
+    A min_valid below 1 makes some zoom-3 footprints partial-but-usable and others not, so the per-zoom
+    subsets of the raw batch differ (the indexing the device path does).
+    """
+    out = tmp_path / "device"
+    report = build(out, raster, transform_on="device")
+    assert report.complete
+    want, got = read_arrays(full_index), read_arrays(out)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    partial_cpu = build(tmp_path / "partial-cpu", raster, min_valid=0.7, transform_on="workers")
+    partial_dev = build(tmp_path / "partial-dev", raster, min_valid=0.7, transform_on="device")
+    assert partial_cpu.valid == partial_dev.valid and partial_dev.valid[3] > report.valid[3]
+    a, b = read_arrays(tmp_path / "partial-cpu"), read_arrays(tmp_path / "partial-dev")
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+    with pytest.raises(ValueError, match="transform_on"):
+        build(tmp_path / "bad", raster, transform_on="gpu")
+
+
+def test_padded_encoder_batches_give_the_same_features():
+    """Padding to a fixed batch (what keeps one compiled graph) drops the padding's rows, in order."""
+    model = create_model("psm-tiny", seed=0).eval()
+    size = model.config.image.img_size
+    images = torch.rand(7, 3, size, size, generator=torch.Generator().manual_seed(0))
+    plain = ImageEncoder(model, torch.device("cpu"))(images, 3)
+    for pad_to in (3, 7, 10):
+        padded = ImageEncoder(model, torch.device("cpu"), pad_to=pad_to)(images, 3)
+        assert padded.shape == plain.shape == (7, model.config.embed_dim)
+        np.testing.assert_allclose(padded.astype(np.float32), plain.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
 def test_kill_and_resume_with_max_chunks(full_index, raster, tmp_path):
     out = tmp_path / "index"
     first = build(out, raster, max_chunks=2)
@@ -263,7 +297,8 @@ def test_cli_index_and_errors(raster, tmp_path, capsys):
     assert map_main(args) == 0
     out = capsys.readouterr()
     assert "computed" in out.out and "index complete" in out.out
-    assert map_main(args) == 0 and "skipped" in capsys.readouterr().out  # rerun: nothing to do
+    # Rerun, transforming on the model's device this time (same features): nothing left to do.
+    assert map_main([*args, "--transform-on", "device"]) == 0 and "skipped" in capsys.readouterr().out
     bad = list(args)
     bad[bad.index("--zoom") + 1] = "3"
     assert map_main(bad) == 2 and "refusing to resume" in capsys.readouterr().err

@@ -129,6 +129,11 @@ def zoom_crop(image: ImageLike, zoom: int, tile_size: int, *, name: str | os.Pat
             f"{_label(name)}is {width}×{height} px (W×H) but zoom {zoom} at tile size {tile_size} needs "
             f"at least {need}×{need} px"
         )
+    return _zoom_crop_float(tensor, need, tile_size)
+
+
+def _zoom_crop_float(tensor: Tensor, need: int, tile_size: int) -> Tensor:
+    """Centre-crop ``need`` px and resize to ``tile_size`` (bicubic, antialias) of float (..., C, H, W)."""
     tensor = TF.center_crop(tensor, [need, need])
     tensor = TF.resize(tensor, [tile_size, tile_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
     # Bicubic overshoots at hard edges; clamping keeps the [0, 1] contract (official code leaves it).
@@ -213,10 +218,14 @@ class EvalTransform:
     def __call__(self, image: ImageLike, generator: torch.Generator | None = None) -> Tensor:
         """Transform one image to a normalised float tensor [3, size, size]; ``generator`` is ignored."""
         del generator  # same signature as TrainTransform so callers need not branch
-        tensor = to_float_tensor(image)
-        tensor = TF.resize(tensor, [self.input_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        tensor = TF.center_crop(tensor, [self.input_size, self.input_size])
-        return TF.normalize(tensor, list(IMAGENET_MEAN), list(IMAGENET_STD))
+        return _eval_float(to_float_tensor(image), self.input_size)
+
+
+def _eval_float(tensor: Tensor, input_size: int) -> Tensor:
+    """The eval transform of float (..., C, H, W) in [0, 1]: one body for single images and batches."""
+    tensor = TF.resize(tensor, [input_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    tensor = TF.center_crop(tensor, [input_size, input_size])
+    return TF.normalize(tensor, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
 def train_transform(input_size: int = DEFAULT_INPUT_SIZE, generator: torch.Generator | None = None) -> TrainTransform:
@@ -270,6 +279,30 @@ def prepare_image(
     tile = zoom_crop(image, zoom, src.tile_size, name=name)
     transform = TrainTransform(input_size) if train else EvalTransform(input_size)
     return transform(tile, generator)
+
+
+def prepare_eval_batch(
+    raw: Tensor, source: ImagerySource | str, zoom: int, *, input_size: int = DEFAULT_INPUT_SIZE
+) -> Tensor:
+    """:func:`prepare_image` (eval) of a batch of raw uint8 HWC tiles (B, H, W, 3) on any device → (B, 3, S, S).
+
+    The same operations as one image at a time (bit-identical on CPU), run as batched kernels where the
+    tensor lives: the map index moves raw footprints to the GPU and transforms them there, because the
+    zoom-5 resize is the most expensive CPU step of reading a tile.
+    """
+    src = _resolve_source(source)
+    _check_zoom(src, zoom)
+    if raw.ndim != 4 or raw.shape[-1] != 3 or raw.dtype != torch.uint8:
+        raise ImageryError(f"expected a uint8 (B, H, W, 3) batch, got {raw.dtype} {tuple(raw.shape)}")
+    need = int(zoom) * src.tile_size
+    height, width = raw.shape[1:3]
+    if height < need or width < need:
+        raise ImageryError(f"tiles are {width}×{height} px (W×H) but zoom {zoom} needs at least {need}×{need} px")
+    # Crop the uint8 first (a view): converting the whole zoom-5 footprint to float would cost 25× the memory.
+    top, left = round((height - need) / 2.0), round((width - need) / 2.0)
+    crop = raw[:, top : top + need, left : left + need].permute(0, 3, 1, 2)
+    tensor = (crop.to(torch.float32) / 255.0).contiguous()
+    return _eval_float(_zoom_crop_float(tensor, need, src.tile_size), input_size)
 
 
 @dataclass(frozen=True)
@@ -390,7 +423,20 @@ def _to_uint8_hwc(data: np.ndarray, scale: tuple[float, float] | None) -> np.nda
         lo, hi = scale
         out = (data.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
         data = np.rint(np.clip(out, 0.0, 255.0, out=out)).astype(np.uint8)
+    # Readers fill pixel-interleaved buffers (see _read_interleaved): this transpose is then a free view.
     return np.ascontiguousarray(data.transpose(1, 2, 0))
+
+
+def _read_interleaved(reader: DatasetReader, bands: list[int], height: int, width: int, **kwargs: object) -> np.ndarray:
+    """``reader.read(bands, **kwargs)`` as a (C, H, W) view of a pixel-interleaved (H, W, C) array.
+
+    GDAL writes the interleaved layout directly (a 1,280² RGB read: 7 ms instead of 2 ms + a 13 ms numpy
+    transpose, and GDAL does it without holding the GIL, so map decode threads scale).
+    """
+    dtype = np.result_type(*(reader.dtypes[b - 1] for b in bands))
+    view = np.empty((height, width, len(bands)), dtype=dtype).transpose(2, 0, 1)
+    reader.read(bands, out=view, **kwargs)
+    return view
 
 
 def _read_native(
@@ -409,7 +455,7 @@ def _read_native(
     col1, row1 = col0 + size_px, row0 + size_px
     inside = col0 >= 0 and row0 >= 0 and col1 <= src.width and row1 <= src.height
     if inside and not boundless:
-        return src.read(bands, window=Window(col0, row0, size_px, size_px)), None
+        return _read_interleaved(src, bands, size_px, size_px, window=Window(col0, row0, size_px, size_px)), None
     if not inside and not boundless:
         raise ImageryError(
             f"{name}: a {size_px}×{size_px} px window at rows {row0}:{row1}, cols {col0}:{col1} "
@@ -417,14 +463,14 @@ def _read_native(
             f"pass boundless=True to fill the outside with 0"
         )
     # Boundless: read only the overlap and paste it into a zero canvas.
-    data = np.zeros((len(bands), size_px, size_px), dtype=src.dtypes[bands[0] - 1])
+    data = np.zeros((size_px, size_px, len(bands)), dtype=src.dtypes[bands[0] - 1]).transpose(2, 0, 1)
     valid = np.zeros((size_px, size_px), dtype=bool)
     r0, r1 = max(row0, 0), min(row1, src.height)
     c0, c1 = max(col0, 0), min(col1, src.width)
     if r1 > r0 and c1 > c0:
         window = Window(c0, r0, c1 - c0, r1 - r0)
         dst = (slice(r0 - row0, r1 - row0), slice(c0 - col0, c1 - col0))
-        data[(slice(None), *dst)] = src.read(bands, window=window)
+        src.read(bands, window=window, out=data[(slice(None), *dst)])
         valid[dst] = (src.read_masks(bands, window=window) > 0).all(axis=0)
     return data, valid
 
@@ -479,8 +525,7 @@ def _read_resampled(
         # Same CRS, north-up: a decimated windowed read gives the same grid without a warper and lets GDAL
         # use the raster's overviews (several times faster for large zooms).
         window = from_bounds(cx - half, cy - half, cx + half, cy + half, transform=t)
-        data = src.read(bands, window=window, out_shape=(len(bands), size_px, size_px), resampling=resampling)
-        return data, None
+        return _read_interleaved(src, bands, size_px, size_px, window=window, resampling=resampling), None
 
     # The VRT only defines the output grid; GDAL then reads just the source blocks under it.
     with WarpedVRT(
@@ -492,7 +537,7 @@ def _read_resampled(
         resampling=resampling,
         add_alpha=boundless,  # an alpha band marks what the source covered, with or without nodata
     ) as vrt:
-        data = vrt.read(bands)
+        data = _read_interleaved(vrt, bands, size_px, size_px)
         valid = vrt.dataset_mask() > 0 if boundless else None
     return data, valid
 

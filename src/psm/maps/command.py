@@ -68,6 +68,16 @@ def add_index_parser(map_subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     o.add_argument("--workers", type=int, default=8, help="image reading/decoding threads")
     o.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead of the model")
+    o.add_argument(
+        "--transform-on",
+        choices=("auto", "workers", "device"),
+        default="auto",
+        help="where tiles are cropped, resized and normalised: the reading threads' CPU or the model's device "
+        "(auto: the device when it is a GPU)",
+    )
+    o.add_argument(
+        "--compile", action="store_true", help="torch.compile the image encoder (GPU; pays off for large regions)"
+    )
     o.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM_PROCID or 0)")
     o.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE / SLURM_NTASKS or 1)")
     o.add_argument("--max-chunks", type=int, help="stop after computing this many chunks (rerun to continue)")
@@ -150,6 +160,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
                 min_valid=args.min_valid,
                 max_chunks=args.max_chunks,
                 progress=args.progress,
+                transform_on=args.transform_on,
+                compile=args.compile,
             )
     # RegionError, IndexMismatchError and ImageryError are ValueErrors, as are bad zooms, ranks or specs.
     except (_UsageError, ValueError, FileNotFoundError, TimeoutError) as e:

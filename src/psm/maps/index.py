@@ -64,6 +64,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -78,7 +79,7 @@ import torch
 from torch import Tensor
 
 from psm.data.errors import DataProblem, SkipLog
-from psm.data.imagery import ImageryError, prepare_image
+from psm.data.imagery import ImageryError, prepare_eval_batch, prepare_image
 from psm.data.imagery_sources import ImagerySource, get_imagery_source
 from psm.maps.grid import Grid
 from psm.maps.sources import ImageryProvider
@@ -88,6 +89,8 @@ INDEX_JSON = "index.json"
 POINTS_FILE = "points.parquet"
 FEATURES_DIR = "features.zarr"
 DEFAULT_CHUNK_SIZE = 4096
+# Where tiles are cropped, resized and normalised (build_index's transform_on).
+TRANSFORM_PLACES = ("auto", "workers", "device")
 # What must match for a rerun to resume into an existing index (provider paths may move; these may not).
 COMPARED_KEYS = (
     "format",
@@ -136,7 +139,14 @@ def center_offset(size: int, crop: int) -> int:
 
 
 class TileDecoder:
-    """Reads the largest footprint once per point and prepares every zoom's model input from it."""
+    """Reads the largest footprint once per point and prepares every zoom's model input from it.
+
+    ``transform_device=None`` transforms each tile on the calling (decode) thread's CPU. With a device,
+    the thread only reads: the raw uint8 footprints go to the device in one pinned copy (on the thread's
+    own CUDA stream, overlapping the model) and every zoom's crop, bicubic resize and normalisation run there
+    as batched kernels (:func:`~psm.data.imagery.prepare_eval_batch`, the same operations). On a GPU this
+    takes the zoom-5 resize, the most expensive step of a tile, off the CPU.
+    """
 
     def __init__(
         self,
@@ -145,33 +155,49 @@ class TileDecoder:
         input_size: int,
         min_valid: float = 1.0,
         skip_log: SkipLog | None = None,
+        transform_device: torch.device | None = None,
     ) -> None:
         self.provider = provider
         self.source = source
         self.input_size = int(input_size)
         self.min_valid = float(min_valid)
         self.skip_log = skip_log if skip_log is not None else provider.skip_log
+        self.transform_device = transform_device
+        self._local = threading.local()
 
     def footprint(self, zoom: int) -> tuple[int, float]:
         """(size_px, gsd_m) of a zoom level's raw footprint."""
         return zoom * self.source.tile_size, self.source.base_gsd_m
 
-    def __call__(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int]) -> DecodedBatch:
-        """Model inputs for points (lats, lons) at ``zooms``; points without imagery are marked invalid."""
-        n = len(lats)
+    def _read(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int]):
+        """Yield (i, raw HWC uint8 footprint, zooms valid there) for every point with a usable read."""
         raw, gsd = self.footprint(max(zooms))
-        images: dict[int, list[Tensor]] = {z: [] for z in zooms}
-        valid = {z: np.zeros(n, dtype=bool) for z in zooms}
-        for i in range(n):
+        for i in range(len(lats)):
             got = self.provider.read_masked(float(lats[i]), float(lons[i]), raw, gsd)
             if got is None:
                 continue
             image, mask = got
+            ok = []
             for z in zooms:
                 need = z * self.source.tile_size
                 top = center_offset(raw, need)
-                if mask is not None and float(mask[top : top + need, top : top + need].mean()) < self.min_valid:
-                    continue
+                if mask is None or float(mask[top : top + need, top : top + need].mean()) >= self.min_valid:
+                    ok.append(z)
+            if ok:
+                yield i, image, ok
+
+    def __call__(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int]) -> DecodedBatch:
+        """Model inputs for points (lats, lons) at ``zooms``; points without imagery are marked invalid."""
+        if self.transform_device is not None:
+            return self._on_device(lats, lons, zooms, self.transform_device)
+        n = len(lats)
+        raw = self.footprint(max(zooms))[0]
+        images: dict[int, list[Tensor]] = {z: [] for z in zooms}
+        valid = {z: np.zeros(n, dtype=bool) for z in zooms}
+        for i, image, ok in self._read(lats, lons, zooms):
+            for z in ok:
+                need = z * self.source.tile_size
+                top = center_offset(raw, need)
                 # Crop the uint8 first: converting the whole zoom-5 footprint to float is 40× slower.
                 crop = image[top : top + need, top : top + need]
                 try:
@@ -186,6 +212,55 @@ class TileDecoder:
             {z: torch.stack(v) if v else torch.empty(0, 3, s, s) for z, v in images.items()},
             valid,
         )
+
+    def _on_device(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int], dev: torch.device) -> DecodedBatch:
+        n = len(lats)
+        raw = self.footprint(max(zooms))[0]
+        rows: list[int] = []
+        footprints: list[np.ndarray] = []
+        usable: list[list[int]] = []
+        for i, image, ok in self._read(lats, lons, zooms):
+            if image.shape != (raw, raw, 3) or image.dtype != np.uint8:
+                problem = f"footprint is {image.dtype} {image.shape}, expected uint8 ({raw}, {raw}, 3)"
+                self.skip_log.record(DataProblem(problem, key=f"{lats[i]:.6f},{lons[i]:.6f}"))
+                continue
+            rows.append(i)
+            footprints.append(image)
+            usable.append(ok)
+        valid = {z: np.zeros(n, dtype=bool) for z in zooms}
+        s = self.input_size
+        if not rows:
+            return DecodedBatch({z: torch.empty(0, 3, s, s, device=dev) for z in zooms}, valid)
+        cuda = dev.type == "cuda"
+        stream = self._stream(dev) if cuda else None
+        with torch.cuda.stream(stream) if cuda else nullcontext():
+            host = torch.empty((len(rows), raw, raw, 3), dtype=torch.uint8, pin_memory=cuda)
+            np.stack(footprints, out=host.numpy())
+            on_dev = host.to(dev, non_blocking=True)
+            images = {}
+            for z in zooms:
+                keep = [j for j, ok in enumerate(usable) if z in ok]
+                if not keep:
+                    images[z] = torch.empty(0, 3, s, s, device=dev)
+                    continue
+                valid[z][[rows[j] for j in keep]] = True
+                need = z * self.source.tile_size
+                top = center_offset(raw, need)
+                crop = on_dev[:, top : top + need, top : top + need]
+                if len(keep) < len(rows):
+                    crop = crop[torch.as_tensor(keep, dtype=torch.long, device=dev)]
+                images[z] = prepare_eval_batch(crop, self.source, z, input_size=s)
+        if stream is not None:
+            # The model runs on another stream: hand over finished tensors only.
+            stream.synchronize()
+        return DecodedBatch(images, valid)
+
+    def _stream(self, dev: torch.device) -> Any:
+        """This decode thread's own CUDA stream (copies and transforms overlap the model's stream)."""
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(dev)
+        return stream
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -473,11 +548,16 @@ def build_index(
     decoder: Decoder | None = None,
     on_chunk_done: Callable[[int], None] | None = None,
     wait_timeout_s: float = 3600.0,
+    transform_on: str = "auto",
+    compile: bool = False,
 ) -> IndexReport:
     """Compute (or finish) the index of ``grid`` at ``zooms`` into folder ``out``; see the module docstring.
 
     ``max_chunks`` stops after that many chunks (time-boxing, tests); ``decoder`` replaces the imagery
-    reading (benchmarks); ``on_chunk_done(k)`` runs after chunk k is committed.
+    reading (benchmarks); ``on_chunk_done(k)`` runs after chunk k is committed. ``transform_on``: where
+    tiles are cropped, resized and normalised — ``"workers"`` (the decode threads' CPU), ``"device"`` (the
+    model's device, see :class:`TileDecoder`) or ``"auto"`` (the device when it is a GPU). ``compile``
+    runs the image encoder through ``torch.compile`` (batches padded to ``batch_size``: one graph).
     """
     import zarr
 
@@ -496,6 +576,8 @@ def build_index(
         raise ValueError(f"zooms {list(zooms)}: must be distinct levels of {source.name!r} {list(source.zoom_levels)}")
     if batch_size < 1 or workers < 1:
         raise ValueError("batch_size and workers must be positive")
+    if transform_on not in TRANSFORM_PLACES:
+        raise ValueError(f"transform_on must be one of {', '.join(TRANSFORM_PLACES)}, got {transform_on!r}")
     if not 0.0 < min_valid <= 1.0:
         raise ValueError(f"min_valid must be in (0, 1], got {min_valid}")
     rank, world_size = resolve_rank(rank, world_size)
@@ -533,8 +615,10 @@ def build_index(
     skip_log = SkipLog(out / "problems" / f"rank{rank}")
     if decoder is None:
         provider.skip_log = skip_log  # problems land next to the index, one file per process
-        decoder = TileDecoder(provider, source, cfg.image.img_size, min_valid, skip_log)
+        on_device = transform_on == "device" or (transform_on == "auto" and dev.type == "cuda")
+        decoder = TileDecoder(provider, source, cfg.image.img_size, min_valid, skip_log, dev if on_device else None)
     model = model.to(dev).eval()
+    encode = ImageEncoder(model, dev, precision, compile=compile, pad_to=batch_size if compile else None)
     dim = int(cfg.embed_dim)
     report.valid = {z: 0 for z in zooms}
 
@@ -582,7 +666,7 @@ def build_index(
                 v = decoded.valid[z]
                 current["valid"][z][b0:b1] = v
                 if v.any():
-                    f = _embed(model, decoded.images[z], z, dev, precision)
+                    f = encode(decoded.images[z], z)
                     current["feats"][z][b0:b1][v] = f
                     report.embedded += len(f)
             report.tiles += (b1 - b0) * len(zs)
@@ -623,10 +707,40 @@ def _decode_thread_init() -> None:
     torch.set_num_threads(1)
 
 
-def _embed(model: torch.nn.Module, images: Tensor, zoom: int, device: torch.device, precision: str) -> np.ndarray:
-    """Pre-fusion features of one zoom's images as float16 numpy."""
-    x = images.to(device, non_blocking=True)
-    zt = torch.full((len(x),), zoom, dtype=torch.long, device=device)
-    with autocast_context(device, precision):
-        f = model.image_features(x, zt)
-    return f.float().cpu().numpy().astype(np.float16)
+class ImageEncoder:
+    """Pre-fusion features of one zoom's images as float16 numpy, optionally through ``torch.compile``.
+
+    ``pad_to``: run every batch padded to this many images (the padding's features are dropped), so that
+    a compiled encoder keeps one graph for every batch (a chunk's last batch and valid subsets vary).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        precision: str = "auto",
+        *,
+        compile: bool = False,
+        pad_to: int | None = None,
+    ) -> None:
+        self.device = device
+        self.precision = precision
+        self.pad_to = pad_to
+        self.features = torch.compile(model.image_features, dynamic=False) if compile else model.image_features
+
+    def __call__(self, images: Tensor, zoom: int) -> np.ndarray:
+        x = images.to(self.device, non_blocking=True)
+        if x.is_cuda:
+            x.record_stream(torch.cuda.current_stream(self.device))  # made on a decode thread's stream
+        n = len(x)
+        out = []
+        step = self.pad_to or n
+        for b0 in range(0, n, step):
+            part = x[b0 : b0 + step]
+            if self.pad_to and len(part) < self.pad_to:
+                part = torch.cat([part, part.new_zeros((self.pad_to - len(part), *part.shape[1:]))])
+            zt = torch.full((len(part),), zoom, dtype=torch.long, device=self.device)
+            with torch.inference_mode(), autocast_context(self.device, self.precision):
+                f = self.features(part, zt)
+            out.append(f[: min(step, n - b0)].float().cpu().numpy().astype(np.float16))
+        return np.concatenate(out)
