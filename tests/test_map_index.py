@@ -195,6 +195,21 @@ def test_transform_on_device_gives_the_same_index(full_index, raster, tmp_path):
         build(tmp_path / "bad", raster, transform_on="gpu")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_transform_on_a_gpu_matches_the_cpu_transforms(raster, tmp_path):
+    """On a GPU: raw footprints moved and transformed on decode threads' streams, against CPU transforms."""
+    cpu = build(tmp_path / "cpu", raster, device="cuda", transform_on="workers", precision="fp32")
+    gpu = build(tmp_path / "gpu", raster, device="cuda", transform_on="device", precision="fp32", compile=True)
+    assert cpu.valid == gpu.valid
+    a, b = read_arrays(tmp_path / "cpu"), read_arrays(tmp_path / "gpu")
+    for name in a:
+        if name.startswith("z"):
+            ok = a[f"valid_{name}"]
+            np.testing.assert_allclose(b[name][ok].astype(np.float32), a[name][ok].astype(np.float32), atol=5e-3)
+        else:
+            np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+
+
 def test_padded_encoder_batches_give_the_same_features():
     """Padding to a fixed batch (what keeps one compiled graph) drops the padding's rows, in order."""
     model = create_model("psm-tiny", seed=0).eval()

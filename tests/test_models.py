@@ -317,3 +317,15 @@ def test_stretch_frames_is_hf_bicubic_bit_for_bit():
     for x in (distinct, repeated, torch.cat([repeated, distinct]), distinct[:, :1]):
         expected = F.interpolate(x, (128, 8), mode="bicubic", align_corners=True)
         assert torch.equal(stretch_frames(x, 128), expected)
+
+
+def test_compile_encoders_marks_the_three_encoders_and_keeps_parameter_names():
+    """Compiling (lazily, in place) leaves the state-dict keys alone, so checkpoints are the same files."""
+    model = create_model("psm-tiny", seed=0)
+    before = list(model.state_dict())
+    encoders = (model.image.encoder, model.audio.tower.clap, model.text.tower.clap)
+    assert all(m._compiled_call_impl is None for m in encoders)
+    assert model.compile_encoders() is model
+    assert all(m._compiled_call_impl is not None for m in encoders)
+    assert model.image.fusion._compiled_call_impl is None  # heads and fusion stay eager
+    assert list(model.state_dict()) == before

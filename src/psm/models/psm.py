@@ -12,6 +12,7 @@ features once and condition them on any metadata later.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -136,3 +137,17 @@ class PSM(nn.Module):
         if input_ids is not None and self.text is not None:
             out["text"] = self.encode_text(input_ids, attention_mask)
         return out
+
+    def compile_encoders(self, **compile_kwargs: Any) -> PSM:
+        """``torch.compile`` the three encoders (ViT, HTSAT, RoBERTa) in place; heads and fusion stay eager.
+
+        Each encoder is compiled on its own, so a graph break in one (HTSAT's data-dependent fusion
+        indexing) does not split the others; ``nn.Module.compile`` keeps the parameter names, so
+        checkpoints of a compiled model are the same files.
+        """
+        encoders = [self.image.encoder, self.audio.tower.clap]
+        if self.text is not None:
+            encoders.append(self.text.tower.clap)
+        for module in encoders:
+            module.compile(**compile_kwargs)
+        return self
