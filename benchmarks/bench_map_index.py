@@ -120,14 +120,15 @@ def baseline_tiles_per_s(model, raster: Path, lats, lons, zooms, batch: int = 10
     return len(lats) * len(zooms) / (time.perf_counter() - start)
 
 
-def forward_tiles_per_s(model, batch: int, device: str, repeats: int = 10, compile: bool = False) -> float:
+def forward_tiles_per_s(model, batch: int, device: str, repeats: int = 10, compile: bool | str = False) -> float:
     """The image encoder alone on a batch already on the device (bf16 autocast on CUDA): the model's ceiling."""
     dev = torch.device(device)
     size = model.config.image.img_size
     images = torch.randn(batch, 3, size, size, device=dev)
     zoom = torch.full((batch,), model.config.image.zoom_levels[0], device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    features = torch.compile(model.image_features, dynamic=False) if compile else model.image_features
+    mode = compile if isinstance(compile, str) else None
+    features = torch.compile(model.image_features, dynamic=False, mode=mode) if compile else model.image_features
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         features(images, zoom)
         features(images, zoom)
@@ -174,6 +175,21 @@ def constant_decoder(size: int, device: str = "cpu"):
         return DecodedBatch(
             {z: torch.zeros(n, 3, size, size, device=device) for z in zooms}, {z: np.ones(n, bool) for z in zooms}
         )
+
+    return decode
+
+
+def read_only_decoder(raster: Path, model, workers: int):
+    """Reads each point's largest footprint and nothing else (every tile then counts as invalid)."""
+    source = get_imagery_source(model.config.image.imagery_source)
+    provider = RasterProvider([raster], workers=workers)
+
+    def decode(lats, lons, zooms) -> DecodedBatch:
+        size = max(zooms) * source.tile_size
+        for la, lo in zip(lats, lons, strict=True):
+            provider.read_masked(float(la), float(lo), size, source.base_gsd_m)
+        n = len(lats)
+        return DecodedBatch({z: torch.empty(0, 3, 1, 1) for z in zooms}, {z: np.zeros(n, bool) for z in zooms})
 
     return decode
 
@@ -280,7 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--transform-on", choices=("auto", "workers", "device"), default="auto", help="build_index's transform_on"
     )
-    parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile of the encoder")
+    parser.add_argument(
+        "--compile",
+        nargs="*",
+        default=None,
+        metavar="MODE",
+        help="also time ours with torch.compile of the encoder (default mode, or each MODE given)",
+    )
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child is not None:
@@ -312,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
 
             on_device = args.transform_on == "device" or (args.transform_on == "auto" and args.device != "cpu")
 
-            def ours(decoder=None, m=model, name="ours", compile=False) -> float:
+            def ours(decoder=None, m=model, name="ours", compile=False, transform_on=args.transform_on) -> float:
                 with RasterProvider([raster], workers=args.workers) as prov:
                     rep = build_index(
                         m,
@@ -326,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                         device=args.device,
                         progress=False,
                         decoder=decoder,
-                        transform_on=args.transform_on,
+                        transform_on=transform_on,
                         compile=compile,
                     )
                 assert rep.complete and rep.tiles == n_tiles
@@ -353,20 +375,24 @@ def main(argv: list[str] | None = None) -> None:
                 f"ViT forward only (device-resident batch of {args.batch_size}): "
                 f"{forward_tiles_per_s(model, args.batch_size, args.device):8.1f} tiles/s"
             )
-            if args.compile:
+            if on_device:
+                rate = ours(m=StubModel(model.config).to(args.device), name="decode-workers", transform_on="workers")
+                print(f"decode only, transforms on the decode threads instead: {rate:8.1f} tiles/s")
+            read_rate = ours(decoder=read_only_decoder(raster, model, args.workers), name="read-only")
+            print(f"raster reads only (no transform, no model): {read_rate:8.1f} tiles/s")
+            for mode in (args.compile or ["default"]) if args.compile is not None else []:
+                label = "" if mode == "default" else f" (mode {mode})"
+                compile = True if mode == "default" else mode
                 t0 = time.perf_counter()
-                ours(name="ours-compile-warmup", compile=True)  # compiles (cached for the same code and shapes)
+                ours(name=f"warmup-{mode}", compile=compile)  # compiles (cached for the same code and shapes)
                 warm = time.perf_counter() - t0
-                compiled_rate = ours(name="ours-compiled", compile=True)
+                compiled_rate = ours(name=f"compiled-{mode}", compile=compile)
                 print(
-                    f"ours + torch.compile of the encoder: {compiled_rate:8.1f} tiles/s "
-                    f"(a first run, compiling: {warm:.0f} s)"
+                    f"ours + torch.compile of the encoder{label}: {compiled_rate:8.1f} tiles/s "
+                    f"(a first run, compiling: {warm:.0f} s); ratio to baseline {compiled_rate / base_rate:.2f}×"
                 )
-                print(f"ratio ours+compile / baseline: {compiled_rate / base_rate:.2f}×")
-                print(
-                    f"ViT forward only, compiled: "
-                    f"{forward_tiles_per_s(model, args.batch_size, args.device, compile=True):8.1f} tiles/s"
-                )
+                fwd = forward_tiles_per_s(model, args.batch_size, args.device, compile=compile)
+                print(f"ViT forward only, compiled{label}: {fwd:8.1f} tiles/s")
 
     if not args.skip_memory:
         small = run_memory(max(1000, args.memory_points // 10), args.chunk_size, args.embed_dim)

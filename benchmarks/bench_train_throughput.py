@@ -23,6 +23,7 @@ import resource
 import time
 
 import torch
+from torch.profiler import record_function
 
 from psm.data.audio import clap_fusion_features
 from psm.losses import TriModalLoss
@@ -77,16 +78,22 @@ def make_step(model, loss_fn, opt, data: dict, device: torch.device, psm_mode: b
     images, zoom, metadata = data["images"].to(device), data["zoom"].to(device), data["metadata"].to(device)
 
     def step() -> float:
-        if psm_mode:
-            feats, longer = clap_fusion_features(waves, lengths)
-        else:
-            feats, longer = features.to(device), is_longer.to(device)
+        # Named regions: the profile (--profile) reports each phase's host and device time.
+        with record_function("step.audio_features"):
+            if psm_mode:
+                feats, longer = clap_fusion_features(waves, lengths)
+            else:
+                feats, longer = features.to(device), is_longer.to(device)
         with torch.autocast(device.type, dtype=amp, enabled=use_amp):
-            out = model(images, zoom, feats, longer, ids, mask, metadata=metadata)
-            loss, _ = loss_fn({k: v.as_loss_input() for k, v in out.items()})
+            with record_function("step.forward"):
+                out = model(images, zoom, feats, longer, ids, mask, metadata=metadata)
+            with record_function("step.loss"):
+                loss, _ = loss_fn({k: v.as_loss_input() for k, v in out.items()})
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with record_function("step.backward"):
+            loss.backward()
+        with record_function("step.optimizer"):
+            opt.step()
         return float(loss.detach())
 
     return step
@@ -191,11 +198,49 @@ def profile_steps(step, device: torch.device, path: str, label: str, steps: int 
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
+    events = prof.key_averages()
+    phases = [e for e in events if e.key.startswith("step.")]
+    lines = [f"{label}: {steps} steps", "phase: host ms / device ms per step"]
+    for e in sorted(phases, key=lambda e: e.key):
+        lines.append(f"  {e.key:22s} {e.cpu_time_total / 1e3 / steps:8.1f} {e.device_time_total / 1e3 / steps:8.1f}")
+    sorts = ["self_cpu_time_total"] + (["self_cuda_time_total"] if device.type == "cuda" else [])
+    for key in sorts:
+        lines += [f"\noperators by {key}", events.table(sort_by=key, row_limit=50, max_name_column_width=90)]
     with open(path, "w") as f:
-        f.write(f"{label}: {steps} steps\n{table}\n")
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:8]))
     print(f"profile of {label} written to {path}")
+    if device.type == "cuda":
+        report_syncs(step)
+
+
+def report_syncs(step) -> None:
+    """Count the host-device synchronisations of one step by where they come from (CUDA sync debug mode)."""
+    import traceback
+    import warnings
+
+    torch.cuda.synchronize()
+    sites: dict[str, int] = {}
+
+    def hook(message, category, filename, lineno, file=None, line=None) -> None:
+        # Runs where the warning is raised: the innermost psm / transformers frame names the cause.
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack() if "/psm/" in f.filename or "transformers" in f.filename]
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else f"{filename}:{lineno}"
+        sites[where] = sites.get(where, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    print(f"host-device synchronisations in one step: {sum(sites.values())}")
+    for where, n in sorted(sites.items(), key=lambda t: -t[1])[:20]:
+        print(f"  {n:4d}  {where}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 # machine without network: packages missing there travel as wheels in .whl/ (see docs/benchmarks.md; the
 # image lacks soundfile+cffi+pycparser, soxr, rasterio+affine+cligj+click-plugins, zarr+numcodecs+donfig+
 # google-crc32c, jsonargparse+docstring_parser+typeshed_client, webdataset+braceexpand).
-# Results go to $OUT (or ./gpu-results) as one text file per benchmark. SKIP_FUSION=0 adds the fusion run.
+# Results go to $OUT (or ./gpu-results) as one text file per benchmark. SKIP_FUSION=0 adds the fusion run,
+# SKIP_TESTS=1 drops the GPU tests; INDEX_COMPILE lists the torch.compile modes the index run times.
 set -u
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -14,10 +15,10 @@ export PYTHONPATH="$PWD/src:$PWD:$PWD/tests:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; nproc;
   python3 -c "import torch, transformers, timm, lightning; print(torch.__version__, transformers.__version__, timm.__version__, lightning.__version__)"; } 2>&1 | tee "$OUT/env.txt"
 # The GPU-only tests (CLAP features and the map index's device transforms against the CPU), if pytest is there.
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_map_index.py tests/test_audio.py -k "gpu or cuda" 2>&1 | tail -5 | tee "$OUT/tests.txt"
+[ "${SKIP_TESTS:-0}" = 1 ] || timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_map_index.py tests/test_audio.py -k "gpu or cuda" 2>&1 | tail -5 | tee "$OUT/tests.txt"
 # Map index: transforms on the GPU (auto), then with torch.compile of the encoder.
 timeout 200 python3 -m benchmarks.bench_map_index --model psm-paper --points 1500 --baseline-points 150 --workers 16 \
-  --batch-size 512 --threads 16 --skip-memory --compile 2>&1 | tee "$OUT/index.txt"
+  --batch-size 512 --threads 16 --skip-memory --compile ${INDEX_COMPILE:-default reduce-overhead} 2>&1 | tee "$OUT/index.txt"
 # Training step: plain, psm eager, psm + compile (fused AdamW on the GPU), and a profile of the compiled step.
 timeout 330 python3 -m benchmarks.bench_train_throughput --model psm-paper --batch 128 --steps 5 --compile \
   --profile "$OUT/train-profile.txt" 2>&1 | tee "$OUT/train.txt"

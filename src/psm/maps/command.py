@@ -76,7 +76,13 @@ def add_index_parser(map_subparsers: Any) -> argparse.ArgumentParser:
         "(auto: the device when it is a GPU)",
     )
     o.add_argument(
-        "--compile", action="store_true", help="torch.compile the image encoder (GPU; pays off for large regions)"
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="MODE",
+        help="torch.compile the image encoder (GPU; pays off for large regions); MODE: a torch.compile mode, "
+        "e.g. reduce-overhead (CUDA graphs)",
     )
     o.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM_PROCID or 0)")
     o.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE / SLURM_NTASKS or 1)")

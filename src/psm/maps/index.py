@@ -549,7 +549,7 @@ def build_index(
     on_chunk_done: Callable[[int], None] | None = None,
     wait_timeout_s: float = 3600.0,
     transform_on: str = "auto",
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> IndexReport:
     """Compute (or finish) the index of ``grid`` at ``zooms`` into folder ``out``; see the module docstring.
 
@@ -557,7 +557,8 @@ def build_index(
     reading (benchmarks); ``on_chunk_done(k)`` runs after chunk k is committed. ``transform_on``: where
     tiles are cropped, resized and normalised — ``"workers"`` (the decode threads' CPU), ``"device"`` (the
     model's device, see :class:`TileDecoder`) or ``"auto"`` (the device when it is a GPU). ``compile``
-    runs the image encoder through ``torch.compile`` (batches padded to ``batch_size``: one graph).
+    runs the image encoder through ``torch.compile`` (batches padded to ``batch_size``: one graph); a
+    string is the compile mode (``"reduce-overhead"``: CUDA graphs, the fewest host launches).
     """
     import zarr
 
@@ -720,13 +721,16 @@ class ImageEncoder:
         device: torch.device,
         precision: str = "auto",
         *,
-        compile: bool = False,
+        compile: bool | str = False,
         pad_to: int | None = None,
     ) -> None:
         self.device = device
         self.precision = precision
         self.pad_to = pad_to
-        self.features = torch.compile(model.image_features, dynamic=False) if compile else model.image_features
+        self.features = model.image_features
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            self.features = torch.compile(model.image_features, dynamic=False, mode=mode)
 
     def __call__(self, images: Tensor, zoom: int) -> np.ndarray:
         x = images.to(self.device, non_blocking=True)

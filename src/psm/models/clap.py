@@ -46,13 +46,16 @@ def stretch_frames(x: Tensor, n_out: int) -> Tensor:
     HTSAT stretches 1,001 frames to 1,024, the largest single cost of the tiny model's CPU step; for every
     clip up to 10 s the four channels are four copies of one mel. Each such clip is stretched once and
     repeated (the same kernel on the same values: bit-identical), the others as HF does. No gradient.
+    On a GPU the stretch is cheap and finding the repeats would stall the launch queue twice per step
+    (host reads of device flags, and graph breaks under ``torch.compile``): all channels are stretched there.
     """
-    if x.shape[1] == 1:
+    if x.shape[1] == 1 or x.device.type != "cpu":
         return _bicubic(x, n_out)
     repeats = (x[:, 1:] == x[:, :1]).flatten(1).all(1)
-    if bool(repeats.all()):
+    all_repeat, any_repeat = repeats.all().item(), repeats.any().item()
+    if all_repeat:
         return _bicubic(x[:, :1], n_out).expand(-1, x.shape[1], -1, -1)
-    if not bool(repeats.any()):
+    if not any_repeat:
         return _bicubic(x, n_out)
     out = x.new_empty(x.shape[0], x.shape[1], n_out, x.shape[3])
     out[repeats] = _bicubic(x[repeats, :1], n_out)  # broadcast over the channels
@@ -205,7 +208,8 @@ class TextTower(nn.Module):
                 f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
             )
         vocab = self.clap.config.vocab_size
-        if input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+        # One host read of a device flag (not two: each stalls a GPU's launch queue).
+        if input_ids.numel() and bool(((input_ids >= vocab) | (input_ids < 0)).any()):
             raise ValueError(f"text input_ids out of the vocabulary range [0, {vocab})")
         return self.clap(input_ids=input_ids, attention_mask=attention_mask).text_embeds
 
