@@ -113,6 +113,53 @@ def test_raster_provider_many_files_and_crs(tmp_path):
             np.testing.assert_array_equal(img, prov.read(la, lo, 48, 10.0))
 
 
+def test_raster_batch_reads_equal_point_reads(tmp_path):
+    """read_masked_batch (one transform per file, bare reads) gives exactly what read_masked gives per point:
+    deep points of two overlapping files (the deeper file wins), edges (masked), nodata, outside, 20 m."""
+    a = write_pattern_raster(tmp_path / "a.tif", width=500)
+    b = write_pattern_raster(tmp_path / "b.tif", x0=333000.0, width=500)  # overlaps a's right 200 columns
+    nd = tmp_path / "nd.tif"
+    data = np.full((3, 200, 200), 100, np.uint8)
+    data[:, 90:110, 90:110] = 0
+    with rasterio.open(
+        nd, "w", driver="GTiff", width=200, height=200, count=3, dtype="uint8", nodata=0,
+        crs="EPSG:32633", transform=from_origin(340000.0, 5830000.0, 10.0, 10.0),
+    ) as dst:  # fmt: skip
+        dst.write(data)
+    pts = [lonlat_of_pixel(r, c) for r in (40, 150, 260) for c in (40, 250, 330, 420, 495)]
+    pts += [lonlat_of_pixel(100, 100, x0=340000.0), lonlat_of_pixel(30, 30, x0=340000.0), (0.0, 0.0)]
+    lats, lons = [p[0] for p in pts], [p[1] for p in pts]
+    with RasterProvider([a, b, nd], workers=1) as prov:
+        point_reads = []
+        per_point = prov.read_masked
+        prov.read_masked = lambda *args: point_reads.append(args) or per_point(*args)
+        for size, gsd in ((48, 10.0), (64, 10.0), (32, 20.0)):
+            point_reads.clear()
+            batch = prov.read_masked_batch(lats, lons, size, gsd)
+            # Native resolution: only the points not deep inside a nodata-free file take the per-point path.
+            assert len(point_reads) < len(pts) if gsd == 10.0 else len(point_reads) == len(pts)
+            one_by_one = [per_point(la, lo, size, gsd) for la, lo in pts]
+            kinds = set()
+            for got, want in zip(batch, one_by_one, strict=True):
+                assert (got is None) == (want is None)
+                if want is None:
+                    kinds.add("none")
+                    continue
+                np.testing.assert_array_equal(got[0], want[0])
+                assert (got[1] is None) == (want[1] is None)
+                if want[1] is not None:
+                    np.testing.assert_array_equal(got[1], want[1])
+                kinds.add("masked" if want[1] is not None else "full")
+            assert kinds == {"none", "masked", "full"}
+        # In the overlap the deeper file wins: (row 150, col 420) of a is 80 px from a's edge and column 120
+        # of b, 120 px from b's; at col 330 a is deeper (150 px against 30).
+        img, _ = prov.read_masked_batch([pts[8][0]], [pts[8][1]], 48, 10.0)[0]
+        assert tuple(img[24, 24]) == (120, 150, 7)
+        img, _ = prov.read_masked_batch([pts[7][0]], [pts[7][1]], 48, 10.0)[0]
+        assert tuple(img[24, 24]) == (330 % 256, 150, 7)
+        assert prov.problems == []
+
+
 def test_raster_provider_bad_files(tmp_path):
     (tmp_path / "bad.tif").write_bytes(b"not a tiff")
     with pytest.raises(ValueError, match="cannot open raster"):

@@ -439,6 +439,18 @@ def _read_interleaved(reader: DatasetReader, bands: list[int], height: int, widt
     return view
 
 
+def read_pixel_window(
+    src: DatasetReader, col0: int, row0: int, size_px: int, bands: Sequence[int], scale: tuple[float, float] | None
+) -> np.ndarray:
+    """HWC uint8 of the ``size_px`` square of raster pixels at (row0, col0), which must lie inside the raster.
+
+    The bare read behind :func:`read_raster_window`'s native-resolution path (same values), for callers
+    that placed many windows at once and want no per-window checks.
+    """
+    window = Window(col0, row0, size_px, size_px)
+    return _to_uint8_hwc(_read_interleaved(src, list(bands), size_px, size_px, window=window), scale)
+
+
 def _read_native(
     src: DatasetReader,
     name: str,

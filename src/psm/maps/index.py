@@ -172,8 +172,7 @@ class TileDecoder:
     def _read(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int]):
         """Yield (i, raw HWC uint8 footprint, zooms valid there) for every point with a usable read."""
         raw, gsd = self.footprint(max(zooms))
-        for i in range(len(lats)):
-            got = self.provider.read_masked(float(lats[i]), float(lons[i]), raw, gsd)
+        for i, got in enumerate(self.provider.read_masked_batch(lats, lons, raw, gsd)):
             if got is None:
                 continue
             image, mask = got

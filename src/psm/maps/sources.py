@@ -28,6 +28,7 @@ Providers:
 from __future__ import annotations
 
 import glob
+import math
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -91,6 +92,12 @@ class ImageryProvider(ABC):
         except (ImageryError, RasterioError, TileFetchError, OSError) as e:
             self.record(DataProblem(f"{type(e).__name__}: {e}", key=f"{lat:.6f},{lon:.6f}"))
             return None
+
+    def read_masked_batch(
+        self, lats: Sequence[float] | np.ndarray, lons: Sequence[float] | np.ndarray, size_px: int, gsd_m: float
+    ) -> list[Masked | None]:
+        """:meth:`read_masked` of many points in the calling thread, in order (providers may batch the work)."""
+        return [self.read_masked(la, lo, size_px, gsd_m) for la, lo in zip(lats, lons, strict=True)]
 
     def read(self, lat: float, lon: float, size_px: int, gsd_m: float, *, min_valid: float = 1.0) -> np.ndarray | None:
         """The footprint as HWC uint8, or None without imagery (or with less than ``min_valid`` of it)."""
@@ -266,6 +273,72 @@ class RasterProvider(ImageryProvider):
             depth_px = min(col, w - col, row, h - row)
             out.append((i, depth_px * self._res_m[i]))
         out.sort(key=lambda t: -t[1])
+        return out
+
+    def read_masked_batch(
+        self, lats: Sequence[float] | np.ndarray, lons: Sequence[float] | np.ndarray, size_px: int, gsd_m: float
+    ) -> list[Masked | None]:
+        """:meth:`read_masked` of many points, the same values; the common case costs one read call per point.
+
+        Points whose deepest file has no nodata, is projected, holds the whole footprint and is read at its
+        native resolution are placed with one coordinate transform per file and read directly. Per-point
+        Python (transforms, checks) holds the GIL: with it, 16 decode threads read ~930 footprints/s on an
+        H100 machine whatever their number. Every other point goes through :meth:`read_masked`.
+        """
+        from rasterio.errors import RasterioError
+        from rasterio.warp import transform
+
+        from psm.data.imagery import ImageryError, read_pixel_window
+
+        lats = np.asarray(lats, dtype=np.float64).reshape(-1)
+        lons = np.asarray(lons, dtype=np.float64).reshape(-1)
+        n = len(lats)
+        if size_px < 1 or not gsd_m > 0:
+            raise ValueError(f"size_px must be ≥ 1 and gsd_m > 0, got {size_px}, {gsd_m}")
+        # Depth (metres from the nearest edge) of every point in every file, as candidates() computes it.
+        best_depth = np.full(n, -np.inf)
+        best_file = np.full(n, -1)
+        windows = np.zeros((n, 2), dtype=np.int64)  # (col0, row0) of the footprint in the best file
+        b = self._bounds
+        for i in range(len(self.paths)):
+            hit = np.nonzero((b[i, 0] <= lons) & (lons <= b[i, 2]) & (b[i, 1] <= lats) & (lats <= b[i, 3]))[0]
+            if not len(hit):
+                continue
+            xs, ys = transform("EPSG:4326", self._crs[i], lons[hit].tolist(), lats[hit].tolist())
+            xs, ys = np.asarray(xs), np.asarray(ys)
+            inv = ~self._transforms[i]
+            col = xs * inv.a + ys * inv.b + inv.c  # Affine's own arithmetic, in its order
+            row = xs * inv.d + ys * inv.e + inv.f
+            h, w = self._shapes[i]
+            inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+            depth = np.minimum.reduce([col, w - col, row, h - row]) * self._res_m[i]
+            better = inside & (depth > best_depth[hit])  # strict: ties keep the earlier file, as the stable sort
+            sel = hit[better]
+            best_depth[sel], best_file[sel] = depth[better], i
+            windows[sel, 0] = np.floor(col[better]).astype(np.int64) - size_px // 2
+            windows[sel, 1] = np.floor(row[better]).astype(np.int64) - size_px // 2
+        out: list[Masked | None] = [None] * n
+        half_m = 0.5 * size_px * gsd_m
+        for k in range(n):
+            i = int(best_file[k])
+            col0, row0 = int(windows[k, 0]), int(windows[k, 1])
+            fast = (
+                i >= 0
+                and self._fast[i]
+                and best_depth[k] >= half_m
+                and math.isclose(gsd_m, self._res_m[i], rel_tol=1e-6)
+                and col0 >= 0
+                and row0 >= 0
+                and col0 + size_px <= self._shapes[i][1]
+                and row0 + size_px <= self._shapes[i][0]
+            )
+            if fast:
+                try:
+                    out[k] = (read_pixel_window(self._dataset(i), col0, row0, size_px, self.bands, self.scale), None)
+                    continue
+                except (ImageryError, RasterioError, OSError):
+                    pass  # read_masked below records the problem with its key
+            out[k] = self.read_masked(lats[k], lons[k], size_px, gsd_m)
         return out
 
     def _read(self, lat: float, lon: float, size_px: int, gsd_m: float) -> Masked | None:
