@@ -174,7 +174,9 @@ class AudioTower(nn.Module):
             flags = torch.ones_like(flags)
         # With per-clip flags a training batch can hold a single long clip; the fusion block's BatchNorm
         # cannot take batch statistics of one sample, so it uses its running statistics for that batch.
-        single = self.training and self.fusion and int(flags.sum()) == 1
+        # (Forced flags are all True: their count is the batch size, with no host read of a device tensor.)
+        n_longer = flags.shape[0] if self.force_is_longer else int(flags.sum())
+        single = self.training and self.fusion and n_longer == 1
         if single:
             for bn in self._fusion_norms:
                 bn.eval()
