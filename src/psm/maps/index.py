@@ -51,8 +51,11 @@ a run with another model (weights), grid, region, zooms, chunk size or imagery s
 or torchrun's / SLURM's environment); rank 0 writes index.json and points.parquet, the others wait for
 index.json; each rank writes only its own chunks.
 
-Throughput: images are read and transformed on a thread pool (``workers``) a few batches ahead of the
-model (prefetch), so decode overlaps the forward passes; CUDA runs under bf16 (or fp16) autocast.
+Throughput: footprints are read on a thread pool (``workers``) a few batches ahead of the model
+(prefetch), so decode overlaps the forward passes; CUDA runs under bf16 (or fp16) autocast. On a GPU the
+threads only read (:meth:`~psm.maps.sources.ImageryProvider.read_masked_batch`) and hand the raw uint8
+footprints to the GPU, where every zoom's crop, resize and normalisation run as batches
+(``transform_on``); ``compile`` puts the encoder through ``torch.compile``.
 Memory: one chunk's features plus the prefetched batches; nothing grows with the grid.
 """
 

@@ -68,7 +68,7 @@ class PSMTrainingModule(L.LightningModule):
         needs to avoid collapsing each modality to a point.
 
         ``compile=True`` runs the three encoders through ``torch.compile`` (:meth:`PSM.compile_encoders`; for
-        GPUs, where it gave the paper-size step 1.4× in our benchmark; checkpoints are unchanged).
+        GPUs, where it gave the paper-size step 1.3× on an H100; checkpoints are unchanged).
         """
         super().__init__()
         self.save_hyperparameters()
