@@ -128,8 +128,16 @@ class DecodedBatch:
 
     @staticmethod
     def concat(parts: Sequence[DecodedBatch]) -> DecodedBatch:
-        """Join consecutive runs of points."""
+        """Join consecutive runs of points.
+
+        GPU parts were made on decode threads' own streams: each is marked as used by this thread's stream,
+        so that its memory is not handed back to a decode thread while the joining copy may still read it.
+        """
         zooms = parts[0].valid.keys()
+        for part in parts:
+            for t in part.images.values():
+                if t.is_cuda:
+                    t.record_stream(torch.cuda.current_stream(t.device))
         return DecodedBatch(
             {z: torch.cat([p.images[z] for p in parts]) for z in zooms},
             {z: np.concatenate([p.valid[z] for p in parts]) for z in zooms},
@@ -736,8 +744,6 @@ class ImageEncoder:
 
     def __call__(self, images: Tensor, zoom: int) -> np.ndarray:
         x = images.to(self.device, non_blocking=True)
-        if x.is_cuda:
-            x.record_stream(torch.cuda.current_stream(self.device))  # made on a decode thread's stream
         n = len(x)
         out = []
         step = self.pad_to or n
