@@ -217,12 +217,15 @@ def test_prepare_eval_batch_is_prepare_image_bit_for_bit() -> None:
                 for r in raw
             ]
         )
-        batched = prepare_eval_batch(torch.from_numpy(raw), "sentinel2", zoom, input_size=size)
+        batched = prepare_eval_batch(torch.from_numpy(raw).permute(0, 3, 1, 2), "sentinel2", zoom, input_size=size)
         assert torch.equal(batched, one_by_one), (zoom, size)
+    chw = torch.from_numpy(raw).permute(0, 3, 1, 2)
     with pytest.raises(ImageryError, match="needs at least 1280"):
-        prepare_eval_batch(torch.from_numpy(raw[:, :1000, :1000]), "sentinel2", 5)
+        prepare_eval_batch(chw[:, :, :1000, :1000], "sentinel2", 5)
     with pytest.raises(ImageryError, match="uint8"):
-        prepare_eval_batch(torch.from_numpy(raw).float(), "sentinel2", 1)
+        prepare_eval_batch(chw.float(), "sentinel2", 1)
+    with pytest.raises(ImageryError, match="uint8"):
+        prepare_eval_batch(torch.from_numpy(raw), "sentinel2", 1)  # channels last
 
 
 def test_prepare_image_and_view() -> None:

@@ -139,13 +139,15 @@ def test_raster_batch_reads_equal_point_reads(tmp_path):
             # Native resolution: only the points not deep inside a nodata-free file take the per-point path.
             assert len(point_reads) < len(pts) if gsd == 10.0 else len(point_reads) == len(pts)
             one_by_one = [per_point(la, lo, size, gsd) for la, lo in pts]
+            planar = prov.read_masked_batch(lats, lons, size, gsd, channels_first=True)
             kinds = set()
-            for got, want in zip(batch, one_by_one, strict=True):
-                assert (got is None) == (want is None)
+            for got, chw, want in zip(batch, planar, one_by_one, strict=True):
+                assert (got is None) == (want is None) == (chw is None)
                 if want is None:
                     kinds.add("none")
                     continue
                 np.testing.assert_array_equal(got[0], want[0])
+                np.testing.assert_array_equal(chw[0], want[0].transpose(2, 0, 1))
                 assert (got[1] is None) == (want[1] is None)
                 if want[1] is not None:
                     np.testing.assert_array_equal(got[1], want[1])

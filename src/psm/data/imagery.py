@@ -284,7 +284,7 @@ def prepare_image(
 def prepare_eval_batch(
     raw: Tensor, source: ImagerySource | str, zoom: int, *, input_size: int = DEFAULT_INPUT_SIZE
 ) -> Tensor:
-    """:func:`prepare_image` (eval) of a batch of raw uint8 HWC tiles (B, H, W, 3) on any device → (B, 3, S, S).
+    """:func:`prepare_image` (eval) of a batch of raw uint8 tiles (B, 3, H, W) on any device → (B, 3, S, S).
 
     The same operations as one image at a time (bit-identical on CPU), run as batched kernels where the
     tensor lives: the map index moves raw footprints to the GPU and transforms them there, because the
@@ -292,15 +292,15 @@ def prepare_eval_batch(
     """
     src = _resolve_source(source)
     _check_zoom(src, zoom)
-    if raw.ndim != 4 or raw.shape[-1] != 3 or raw.dtype != torch.uint8:
-        raise ImageryError(f"expected a uint8 (B, H, W, 3) batch, got {raw.dtype} {tuple(raw.shape)}")
+    if raw.ndim != 4 or raw.shape[1] != 3 or raw.dtype != torch.uint8:
+        raise ImageryError(f"expected a uint8 (B, 3, H, W) batch, got {raw.dtype} {tuple(raw.shape)}")
     need = int(zoom) * src.tile_size
-    height, width = raw.shape[1:3]
+    height, width = raw.shape[2:]
     if height < need or width < need:
         raise ImageryError(f"tiles are {width}×{height} px (W×H) but zoom {zoom} needs at least {need}×{need} px")
     # Crop the uint8 first (a view): converting the whole zoom-5 footprint to float would cost 25× the memory.
     top, left = round((height - need) / 2.0), round((width - need) / 2.0)
-    crop = raw[:, top : top + need, left : left + need].permute(0, 3, 1, 2)
+    crop = raw[:, :, top : top + need, left : left + need]
     tensor = (crop.to(torch.float32) / 255.0).contiguous()
     return _eval_float(_zoom_crop_float(tensor, need, src.tile_size), input_size)
 
@@ -418,13 +418,18 @@ def _local_metric_crs(lat: float, lon: float) -> CRS:
     )
 
 
+def _scaled_uint8(data: np.ndarray, scale: tuple[float, float] | None) -> np.ndarray:
+    """Raster values as uint8: as they are, or ``scale=(lo, hi)`` mapped linearly to 0–255 and clipped."""
+    if scale is None:
+        return data
+    lo, hi = scale
+    out = (data.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    return np.rint(np.clip(out, 0.0, 255.0, out=out)).astype(np.uint8)
+
+
 def _to_uint8_hwc(data: np.ndarray, scale: tuple[float, float] | None) -> np.ndarray:
-    if scale is not None:
-        lo, hi = scale
-        out = (data.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
-        data = np.rint(np.clip(out, 0.0, 255.0, out=out)).astype(np.uint8)
     # Readers fill pixel-interleaved buffers (see _read_interleaved): this transpose is then a free view.
-    return np.ascontiguousarray(data.transpose(1, 2, 0))
+    return np.ascontiguousarray(_scaled_uint8(data, scale).transpose(1, 2, 0))
 
 
 def _read_interleaved(reader: DatasetReader, bands: list[int], height: int, width: int, **kwargs: object) -> np.ndarray:
@@ -440,14 +445,24 @@ def _read_interleaved(reader: DatasetReader, bands: list[int], height: int, widt
 
 
 def read_pixel_window(
-    src: DatasetReader, col0: int, row0: int, size_px: int, bands: Sequence[int], scale: tuple[float, float] | None
+    src: DatasetReader,
+    col0: int,
+    row0: int,
+    size_px: int,
+    bands: Sequence[int],
+    scale: tuple[float, float] | None,
+    *,
+    channels_first: bool = False,
 ) -> np.ndarray:
-    """HWC uint8 of the ``size_px`` square of raster pixels at (row0, col0), which must lie inside the raster.
+    """HWC (or CHW) uint8 of the ``size_px`` square of pixels at (row0, col0), which must lie inside the raster.
 
     The bare read behind :func:`read_raster_window`'s native-resolution path (same values), for callers
-    that placed many windows at once and want no per-window checks.
+    that placed many windows at once and want no per-window checks. ``channels_first`` returns the bands as
+    GDAL stores them, without the interleaving (a 1,280² RGB read: ~2 instead of ~7 ms).
     """
     window = Window(col0, row0, size_px, size_px)
+    if channels_first:
+        return np.ascontiguousarray(_scaled_uint8(src.read(list(bands), window=window), scale))
     return _to_uint8_hwc(_read_interleaved(src, list(bands), size_px, size_px, window=window), scale)
 
 

@@ -180,10 +180,11 @@ class TileDecoder:
         """(size_px, gsd_m) of a zoom level's raw footprint."""
         return zoom * self.source.tile_size, self.source.base_gsd_m
 
-    def _read(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int]):
-        """Yield (i, raw HWC uint8 footprint, zooms valid there) for every point with a usable read."""
+    def _read(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int], channels_first: bool = False):
+        """Yield (i, raw uint8 footprint (HWC, or CHW), zooms valid there) for every point with a usable read."""
         raw, gsd = self.footprint(max(zooms))
-        for i, got in enumerate(self.provider.read_masked_batch(lats, lons, raw, gsd)):
+        reads = self.provider.read_masked_batch(lats, lons, raw, gsd, channels_first=channels_first)
+        for i, got in enumerate(reads):
             if got is None:
                 continue
             image, mask = got
@@ -229,9 +230,10 @@ class TileDecoder:
         rows: list[int] = []
         footprints: list[np.ndarray] = []
         usable: list[list[int]] = []
-        for i, image, ok in self._read(lats, lons, zooms):
-            if image.shape != (raw, raw, 3) or image.dtype != np.uint8:
-                problem = f"footprint is {image.dtype} {image.shape}, expected uint8 ({raw}, {raw}, 3)"
+        # Channels first: the reads skip the interleaving, and (B, 3, H, W) is what the transforms take.
+        for i, image, ok in self._read(lats, lons, zooms, channels_first=True):
+            if image.shape != (3, raw, raw) or image.dtype != np.uint8:
+                problem = f"footprint is {image.dtype} {image.shape}, expected uint8 (3, {raw}, {raw})"
                 self.skip_log.record(DataProblem(problem, key=f"{lats[i]:.6f},{lons[i]:.6f}"))
                 continue
             rows.append(i)
@@ -244,7 +246,7 @@ class TileDecoder:
         cuda = dev.type == "cuda"
         stream = self._stream(dev) if cuda else None
         with torch.cuda.stream(stream) if cuda else nullcontext():
-            host = torch.empty((len(rows), raw, raw, 3), dtype=torch.uint8, pin_memory=cuda)
+            host = torch.empty((len(rows), 3, raw, raw), dtype=torch.uint8, pin_memory=cuda)
             np.stack(footprints, out=host.numpy())
             on_dev = host.to(dev, non_blocking=True)
             images = {}
@@ -256,7 +258,7 @@ class TileDecoder:
                 valid[z][[rows[j] for j in keep]] = True
                 need = z * self.source.tile_size
                 top = center_offset(raw, need)
-                crop = on_dev[:, top : top + need, top : top + need]
+                crop = on_dev[:, :, top : top + need, top : top + need]
                 if len(keep) < len(rows):
                     crop = crop[torch.as_tensor(keep, dtype=torch.long, device=dev)]
                 images[z] = prepare_eval_batch(crop, self.source, z, input_size=s)

@@ -48,6 +48,11 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 DEG_LAT_M = 111_320.0  # metres per degree of latitude (for coarse degree margins only)
 
 
+def _chw(got: Masked | None) -> Masked | None:
+    """A (H, W, 3) read as (3, H, W) (a view)."""
+    return None if got is None else (got[0].transpose(2, 0, 1), got[1])
+
+
 class ImageryProvider(ABC):
     """Where the pixels of a map point come from; see the module docstring for the contract."""
 
@@ -94,10 +99,20 @@ class ImageryProvider(ABC):
             return None
 
     def read_masked_batch(
-        self, lats: Sequence[float] | np.ndarray, lons: Sequence[float] | np.ndarray, size_px: int, gsd_m: float
+        self,
+        lats: Sequence[float] | np.ndarray,
+        lons: Sequence[float] | np.ndarray,
+        size_px: int,
+        gsd_m: float,
+        *,
+        channels_first: bool = False,
     ) -> list[Masked | None]:
-        """:meth:`read_masked` of many points in the calling thread, in order (providers may batch the work)."""
-        return [self.read_masked(la, lo, size_px, gsd_m) for la, lo in zip(lats, lons, strict=True)]
+        """:meth:`read_masked` of many points in the calling thread, in order (providers may batch the work).
+
+        ``channels_first``: images as (3, H, W) instead of (H, W, 3) (here a transposed view).
+        """
+        out = [self.read_masked(la, lo, size_px, gsd_m) for la, lo in zip(lats, lons, strict=True)]
+        return [_chw(got) for got in out] if channels_first else out
 
     def read(self, lat: float, lon: float, size_px: int, gsd_m: float, *, min_valid: float = 1.0) -> np.ndarray | None:
         """The footprint as HWC uint8, or None without imagery (or with less than ``min_valid`` of it)."""
@@ -276,7 +291,13 @@ class RasterProvider(ImageryProvider):
         return out
 
     def read_masked_batch(
-        self, lats: Sequence[float] | np.ndarray, lons: Sequence[float] | np.ndarray, size_px: int, gsd_m: float
+        self,
+        lats: Sequence[float] | np.ndarray,
+        lons: Sequence[float] | np.ndarray,
+        size_px: int,
+        gsd_m: float,
+        *,
+        channels_first: bool = False,
     ) -> list[Masked | None]:
         """:meth:`read_masked` of many points, the same values; the common case costs one read call per point.
 
@@ -284,6 +305,7 @@ class RasterProvider(ImageryProvider):
         native resolution are placed with one coordinate transform per file and read directly. Per-point
         Python (transforms, checks) holds the GIL: with it, 16 decode threads read ~930 footprints/s on an
         H100 machine whatever their number. Every other point goes through :meth:`read_masked`.
+        ``channels_first`` images come as GDAL stores the bands, with no interleaving (~3× faster reads).
         """
         from rasterio.errors import RasterioError
         from rasterio.warp import transform
@@ -334,11 +356,16 @@ class RasterProvider(ImageryProvider):
             )
             if fast:
                 try:
-                    out[k] = (read_pixel_window(self._dataset(i), col0, row0, size_px, self.bands, self.scale), None)
+                    ds = self._dataset(i)
+                    image = read_pixel_window(
+                        ds, col0, row0, size_px, self.bands, self.scale, channels_first=channels_first
+                    )
+                    out[k] = (image, None)
                     continue
                 except (ImageryError, RasterioError, OSError):
                     pass  # read_masked below records the problem with its key
-            out[k] = self.read_masked(lats[k], lons[k], size_px, gsd_m)
+            got = self.read_masked(lats[k], lons[k], size_px, gsd_m)
+            out[k] = _chw(got) if channels_first else got
         return out
 
     def _read(self, lat: float, lon: float, size_px: int, gsd_m: float) -> Masked | None:
