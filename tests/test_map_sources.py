@@ -162,6 +162,32 @@ def test_raster_batch_reads_equal_point_reads(tmp_path):
         assert prov.problems == []
 
 
+def test_raster_batch_reads_of_scaled_uint16_bands(tmp_path):
+    """Reflectance-like uint16 bands with a scale (and a band order): batch reads, both layouts, as point reads."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 4000, (4, 300, 300), dtype=np.uint16)
+    path = tmp_path / "u16.tif"
+    with rasterio.open(
+        path, "w", driver="GTiff", width=300, height=300, count=4, dtype="uint16",
+        crs="EPSG:32633", transform=from_origin(330000.0, 5830000.0, 10.0, 10.0),
+    ) as dst:  # fmt: skip
+        dst.write(data)
+    pts = [lonlat_of_pixel(r, c) for r, c in ((150, 150), (100, 200), (10, 150))]
+    lats, lons = [p[0] for p in pts], [p[1] for p in pts]
+    with RasterProvider([path], bands=(4, 3, 2), scale=(0, 3000), workers=1) as prov:
+        want = [prov.read_masked(la, lo, 64, 10.0) for la, lo in pts]
+        hwc = prov.read_masked_batch(lats, lons, 64, 10.0)
+        chw = prov.read_masked_batch(lats, lons, 64, 10.0, channels_first=True)
+    assert want[2][1] is not None  # the edge point is masked (per-point path), the others are full
+    for w, h, c in zip(want, hwc, chw, strict=True):
+        assert w[0].dtype == h[0].dtype == c[0].dtype == np.uint8
+        np.testing.assert_array_equal(h[0], w[0])
+        np.testing.assert_array_equal(c[0], w[0].transpose(2, 0, 1))
+    window = data[3, 150 - 32 : 150 + 32, 150 - 32 : 150 + 32].astype(np.float32)
+    expected = np.rint(np.clip(window * np.float32(255 / 3000), 0, 255))  # the reader's float32 arithmetic
+    np.testing.assert_array_equal(chw[0][0][0], expected.astype(np.uint8))  # band 4 first, scaled and clipped
+
+
 def test_raster_provider_bad_files(tmp_path):
     (tmp_path / "bad.tif").write_bytes(b"not a tiff")
     with pytest.raises(ValueError, match="cannot open raster"):
