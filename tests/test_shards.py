@@ -392,6 +392,24 @@ def test_skip_policy_records_bad_sample(corrupt_shards, tmp_path):
     assert len([s.key for s in padded]) == len(padded) == 4 and padded.num_filled == 1
 
 
+def test_many_skipped_samples_are_all_recorded_but_logged_only_at_first(tmp_path, caplog):
+    """A damaged shard set does not flood the console; every problem is still in errors and the error log."""
+    from psm.data.shards import WARN_FIRST_PROBLEMS
+
+    n = WARN_FIRST_PROBLEMS + 15
+    features = np.zeros(2, np.float16)
+    recs = [ShardRecord(f"s{i:02d}", {"i": i}, png_bytes(0), "png", audio_features=features) for i in range(n)]
+    pack_records(recs, tmp_path / "shards", prefix="train", samples_per_shard=8)
+    log_path = tmp_path / "errors.jsonl"
+    ds = ShardDataset(tmp_path / "shards", lambda members: None, on_error="skip", error_log=log_path, even=None)
+    with caplog.at_level("WARNING", logger="psm.data.shards"):
+        assert list(ds) == []
+    assert ds.num_errors == n and len(read_error_logs(log_path)) == n
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == WARN_FIRST_PROBLEMS + 1 and "no longer logged one by one" in lines[-1]
+    assert str(log_path) in lines[-1]
+
+
 def test_skip_policy_in_dataloader_workers_logs_per_worker(corrupt_shards, tmp_path):
     log_path = tmp_path / "errors.jsonl"
     ds = ShardDataset(corrupt_shards, ShardDecoder(EVAL_VIEW), on_error="skip", error_log=log_path, even=None)

@@ -76,6 +76,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# Problems a shard reader logs one by one before it only records them (per worker).
+WARN_FIRST_PROBLEMS = 10
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "tif", "tiff")
 AUDIO_EXTENSIONS: tuple[str, ...] = ("flac", "ogg", "wav", "mp3")
@@ -874,7 +876,14 @@ class ShardDataset(IterableDataset):
         self.errors.append(err)
         self.num_filled += filled
         self.num_errors += err.kind != "fill"
-        log.warning("shard sample %s: %s %s (%s)", err.kind, err.shard, err.key, err.reason)
+        # A damaged shard set would flood the console: the first few are logged, then one notice. The
+        # complete record is `errors`, the JSON-lines error log and the training run's end summary.
+        n = len(self.errors)
+        if n <= WARN_FIRST_PROBLEMS:
+            log.warning("shard sample %s: %s %s (%s)", err.kind, err.shard, err.key, err.reason)
+        elif n == WARN_FIRST_PROBLEMS + 1:
+            where = f"the error log {self.error_log}" if self.error_log is not None else "ShardDataset.errors"
+            log.warning("more shard sample problems in this worker: no longer logged one by one; see %s", where)
         if self.error_log is not None:
             path = _error_log_path(self.error_log, err.rank, err.worker)
             path.parent.mkdir(parents=True, exist_ok=True)
