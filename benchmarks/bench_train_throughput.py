@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also time psm's step with torch.compile of each tower")
+    p.add_argument("--compile-all", action="store_true", help="also time a step with the whole model and loss compiled")
     p.add_argument("--profile", metavar="FILE", help="profile two steps of the last variant; operator table to FILE")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -151,9 +152,18 @@ def main(argv: list[str] | None = None) -> None:
 
     results = {}
     variants = [("plain", False), ("psm", True)] + ([("psm+compile", True)] if args.compile else [])
+    variants += [("psm+compile-all", True)] if args.compile_all else []
     for label, psm_mode in variants:
         if label == "psm+compile":
             model.compile_encoders()
+        if label == "psm+compile-all":
+            # A fresh model compiled whole, with the loss: heads, fusion and loss fused too (graph breaks at
+            # the host reads that remain). Same seed: the same weights as the other variants started from.
+            model = create_model(args.model, seed=0).to(device).train()
+            loss_fn = TriModalLoss(kind="pcmepp" if model.config.probabilistic else "infonce").to(device)
+            params = list(model.parameters()) + list(loss_fn.parameters())
+            model.compile()
+            loss_fn.compile()
         # psm's training module uses the fused AdamW kernel on a GPU; the plain step the default one.
         fused = (psm_mode and device.type == "cuda") or None
         opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.2, fused=fused)
