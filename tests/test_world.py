@@ -525,6 +525,15 @@ def test_spearman_matches_scipy_with_ties():
     assert np.isnan(spearman(np.ones(5), b[:5])) and np.isnan(spearman(a[:2], b[:2]))
 
 
+def test_soundscape_diversity_by_hand():
+    from psm.maps.agreement import soundscape_diversity
+
+    expected, entropy = soundscape_diversity(np.array([[0.5, 0.0, 0.5], [1.0, 1.0, 0.0], [0.1, 0.2, 0.3]]))
+    np.testing.assert_allclose(expected, [1.0, 2.0, 0.6])
+    h = lambda p: -(p * np.log(p) + (1 - p) * np.log(1 - p))  # noqa: E731
+    np.testing.assert_allclose(entropy, [2 * np.log(2), 0.0, h(0.1) + h(0.2) + h(0.3)])
+
+
 def test_map_agreement_with_the_truth(tiny, tmp_path):
     """`psm map agreement`: a real index over the world's mosaic, Spearman ρ per event and hour, JSON + table."""
     from psm.cli import main as psm
@@ -547,7 +556,11 @@ def test_map_agreement_with_the_truth(tiny, tmp_path):
             assert -1.0 <= result["rho"][e][h] <= 1.0
     # the hour check looks at the same places at both hours: the truth's dawn chorus is a morning sound
     assert result["hot_truth"]["dawn_chorus"]["6"] > 5 * result["hot_truth"]["dawn_chorus"]["14"]
+    for h in ("6", "14"):  # the test checkpoint is PCME++: the uncertainty check is there
+        assert set(result["sigma_rho"][h]) == {"expected_events", "event_entropy"}
+        assert all(-1.0 <= v <= 1.0 for v in result["sigma_rho"][h].values())
     table = out.with_suffix(".md").read_text()
+    assert "Uncertainty: Spearman ρ of ‖σ‖₁" in table
     assert table.startswith("| event | query | ρ 06 h | ρ 14 h |")
     assert f'| dawn_chorus | "{EVENTS[EVENT_NAMES.index("dawn_chorus")].words[0]}" |' in table
     assert all(f"| {e} |" in table for e in events)

@@ -8,6 +8,11 @@ Spearman's rank correlation between the map's scores and the truth at the index'
 The hour check asks whether the map *moves with time* the way the truth does: the mean score of an event's
 query over the points where the event is most likely (the top decile of its truth at its peak hour), at
 each hour, next to the truth's mean there (e.g. dawn chorus in the forest at 6 h and at 14 h).
+
+The uncertainty check (PCME++ models) asks whether ‖σ‖₁ of the conditioned image embeddings means anything:
+its Spearman ρ, per hour, with how varied the place's soundscape truly is — the expected number of audible
+events (Σ p) and their joint unpredictability (Σ of binary entropies). A place where many different clips
+are plausible should be one the model is less sure about.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class AgreementResult:
     rho: dict[str, dict[int, float]] = field(default_factory=dict)  # event → hour → ρ
     hot_score: dict[str, dict[int, float]] = field(default_factory=dict)  # event → hour → mean score on hot points
     hot_truth: dict[str, dict[int, float]] = field(default_factory=dict)  # same points, mean truth probability
+    # hour → {"expected_events": ρ, "event_entropy": ρ} of ‖σ‖₁ against the truth; empty for InfoNCE models
+    sigma_rho: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def mean_rho(self) -> float:
         """Mean ρ over every (event, hour) with a defined ρ."""
@@ -83,7 +90,26 @@ class AgreementResult:
             f"zoom {self.zoom}, {self.num_points:,} points. Score and truth are means over the same points at every "
             "hour: each event's top decile of truth at its peak hour."
         )
+        if self.sigma_rho:
+            per_hour = "; ".join(
+                f"{h:02d} h {_fmt(r['expected_events'])} / {_fmt(r['event_entropy'])}"
+                for h, r in self.sigma_rho.items()
+            )
+            lines.append("")
+            lines.append(
+                "Uncertainty: Spearman ρ of ‖σ‖₁ with the place's expected number of audible events / with their "
+                f"entropy (Σ binary entropies): {per_hour}."
+            )
         return "\n".join(lines)
+
+
+def soundscape_diversity(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per place, from (N, E) event probabilities: the expected number of audible events Σ p, and the
+    unpredictability of which ones, Σ of the events' binary entropies (nats)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(np.where(p > 0, p * np.log(p), 0.0) + np.where(p < 1, (1 - p) * np.log1p(-p), 0.0))
+    return p.sum(axis=1), h.sum(axis=1)
 
 
 def _fmt(v: float, digits: int = 3) -> str:
@@ -117,6 +143,7 @@ def truth_agreement(
     queries = {e: embed_text_query(model, tokenizer, event_query_text(e)) for e in events}
     scores: dict[int, dict[str, np.ndarray]] = {}
     truths: dict[int, np.ndarray] = {}
+    sigmas: dict[int, np.ndarray] = {}
     valid = None
     for hour in result.hours:
         setting = MetadataSetting(
@@ -126,6 +153,8 @@ def truth_agreement(
         )
         cond = condition(index, model, zoom, setting, cache_dir=cache_dir, device=device)
         scores[hour] = {e: score(cond, q) for e, q in queries.items()}
+        if cond.sigma_l1 is not None:
+            sigmas[hour] = cond.sigma_l1
         truths[hour] = world.probabilities(lat, lon, hour, month, audio_source)  # (N, E)
         ok = np.isfinite(next(iter(scores[hour].values())))
         valid = ok if valid is None else valid & ok
@@ -138,4 +167,10 @@ def truth_agreement(
         hot = peak >= np.quantile(peak, 0.9)
         result.hot_score[e] = {h: float(scores[h][e][valid][hot].mean()) for h in result.hours}
         result.hot_truth[e] = {h: float(truths[h][valid, col][hot].mean()) for h in result.hours}
+    for h, sigma in sigmas.items():
+        expected, entropy = soundscape_diversity(truths[h][valid])
+        result.sigma_rho[h] = {
+            "expected_events": spearman(sigma[valid], expected),
+            "event_entropy": spearman(sigma[valid], entropy),
+        }
     return result
