@@ -125,7 +125,8 @@ def add_query_parsers(map_subparsers: Any) -> None:
 
     p = map_subparsers.add_parser(
         "agreement",
-        help="Spearman ρ of each event's text-query map against an offline world's truth, and the hour effect",
+        help="Spearman ρ of each event's text-query map against an offline world's truth, the hour effect, "
+        "and ‖σ‖₁ against the truth's soundscape diversity",
     )
     _common(p, query=False, metadata=False)
     p.add_argument("--world", required=True, help="world folder written by `psm world generate`")
