@@ -25,7 +25,16 @@ from conftest import shared_data
 from psm.data.imagery import prepare_image, read_raster_window
 from psm.maps.command import main as map_main
 from psm.maps.grid import Region, grid_for_region, grid_like_raster
-from psm.maps.index import FORMAT, ImageEncoder, IndexMismatchError, build_index, index_progress, read_index_meta
+from psm.maps.index import (
+    AUTO_COMPILE_TILES,
+    FORMAT,
+    ImageEncoder,
+    IndexMismatchError,
+    auto_compile,
+    build_index,
+    index_progress,
+    read_index_meta,
+)
 from psm.maps.sources import RasterProvider, XYZProvider
 from psm.models.factory import create_model
 
@@ -222,6 +231,35 @@ def test_padded_encoder_batches_give_the_same_features():
         np.testing.assert_allclose(padded.astype(np.float32), plain.astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
+def test_compile_is_automatic_only_for_large_jobs_on_a_gpu():
+    assert auto_compile(torch.device("cuda"), AUTO_COMPILE_TILES)
+    assert not auto_compile(torch.device("cuda"), AUTO_COMPILE_TILES - 1)
+    assert not auto_compile(torch.device("cpu"), 10**9)
+
+
+def test_a_failing_compile_falls_back_to_the_eager_encoder(monkeypatch):
+    """No compiler on the machine (or a backend bug): a warning, then the same features, eagerly."""
+    import psm.maps.index as index_module
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return compiled
+
+    model = create_model("psm-tiny", seed=0).eval()
+    size = model.config.image.img_size
+    images = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(1))
+    plain = ImageEncoder(model, torch.device("cpu"))(images, 1)
+    monkeypatch.setattr(index_module.torch, "compile", broken_compile)
+    encoder = ImageEncoder(model, torch.device("cpu"), compile=True, pad_to=8)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler found"):
+        got = encoder(images, 1)
+    np.testing.assert_allclose(got.astype(np.float32), plain.astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert not encoder.compiled
+    np.testing.assert_array_equal(encoder(images, 1), got)  # no second warning, same path
+
+
 def test_kill_and_resume_with_max_chunks(full_index, raster, tmp_path):
     out = tmp_path / "index"
     first = build(out, raster, max_chunks=2)
@@ -313,7 +351,7 @@ def test_cli_index_and_errors(raster, tmp_path, capsys):
     out = capsys.readouterr()
     assert "computed" in out.out and "index complete" in out.out
     # Rerun, transforming on the model's device this time (same features): nothing left to do.
-    assert map_main([*args, "--transform-on", "device"]) == 0 and "skipped" in capsys.readouterr().out
+    assert map_main([*args, "--transform-on", "device", "--no-compile"]) == 0 and "skipped" in capsys.readouterr().out
     bad = list(args)
     bad[bad.index("--zoom") + 1] = "3"
     assert map_main(bad) == 2 and "refusing to resume" in capsys.readouterr().err

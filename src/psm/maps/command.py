@@ -79,11 +79,12 @@ def add_index_parser(map_subparsers: Any) -> argparse.ArgumentParser:
         "--compile",
         nargs="?",
         const=True,
-        default=False,
+        default=None,
         metavar="MODE",
-        help="torch.compile the image encoder (GPU; pays off for large regions); MODE: a torch.compile mode, "
-        "e.g. reduce-overhead (CUDA graphs)",
+        help="torch.compile the image encoder; MODE: a torch.compile mode, e.g. reduce-overhead (CUDA graphs). "
+        "Default: on a GPU when at least 100,000 tiles are left (~3x the tiles/s after ~30 s of compiling)",
     )
+    o.add_argument("--no-compile", dest="compile", action="store_false", help="never compile the image encoder")
     o.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM_PROCID or 0)")
     o.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE / SLURM_NTASKS or 1)")
     o.add_argument("--max-chunks", type=int, help="stop after computing this many chunks (rerun to continue)")

@@ -69,6 +69,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,6 +95,8 @@ FEATURES_DIR = "features.zarr"
 DEFAULT_CHUNK_SIZE = 4096
 # Where tiles are cropped, resized and normalised (build_index's transform_on).
 TRANSFORM_PLACES = ("auto", "workers", "device")
+# Tiles left to compute from which build_index(compile=None) compiles the encoder on a GPU (auto_compile).
+AUTO_COMPILE_TILES = 100_000
 # What must match for a rerun to resume into an existing index (provider paths may move; these may not).
 COMPARED_KEYS = (
     "format",
@@ -561,7 +564,7 @@ def build_index(
     on_chunk_done: Callable[[int], None] | None = None,
     wait_timeout_s: float = 3600.0,
     transform_on: str = "auto",
-    compile: bool | str = False,
+    compile: bool | str | None = None,
 ) -> IndexReport:
     """Compute (or finish) the index of ``grid`` at ``zooms`` into folder ``out``; see the module docstring.
 
@@ -570,7 +573,8 @@ def build_index(
     tiles are cropped, resized and normalised — ``"workers"`` (the decode threads' CPU), ``"device"`` (the
     model's device, see :class:`TileDecoder`) or ``"auto"`` (the device when it is a GPU). ``compile``
     runs the image encoder through ``torch.compile`` (batches padded to ``batch_size``: one graph); a
-    string is the compile mode (``"reduce-overhead"``: CUDA graphs, the fewest host launches).
+    string is the compile mode (``"reduce-overhead"``: CUDA graphs, the fewest host launches); ``None``
+    compiles on a GPU when at least :data:`AUTO_COMPILE_TILES` tiles are left (:func:`auto_compile`).
     """
     import zarr
 
@@ -625,6 +629,8 @@ def build_index(
     if max_chunks is not None:
         todo = todo[: max(0, int(max_chunks))]
 
+    if compile is None:
+        compile = auto_compile(dev, sum(min(chunk_size, grid.num_points - k * chunk_size) * len(zs) for k, zs in todo))
     skip_log = SkipLog(out / "problems" / f"rank{rank}")
     if decoder is None:
         provider.skip_log = skip_log  # problems land next to the index, one file per process
@@ -720,11 +726,23 @@ def _decode_thread_init() -> None:
     torch.set_num_threads(1)
 
 
+def auto_compile(device: torch.device, tiles: int) -> bool:
+    """Whether ``build_index(compile=None)`` compiles the encoder: on a GPU, for enough tiles to pay back.
+
+    Measured on an H100 (docs/benchmarks.md): compiling costs ~30 s once and lifts the paper-size pipeline
+    from ~800 to ~2,250 tiles/s, so it pays from some 37,000 tiles; below a few times that it is not worth
+    the wait (nor the risk of a compiler problem on a small job).
+    """
+    return device.type == "cuda" and tiles >= AUTO_COMPILE_TILES
+
+
 class ImageEncoder:
     """Pre-fusion features of one zoom's images as float16 numpy, optionally through ``torch.compile``.
 
     ``pad_to``: run every batch padded to this many images (the padding's features are dropped), so that
-    a compiled encoder keeps one graph for every batch (a chunk's last batch and valid subsets vary).
+    a compiled encoder keeps one graph for every batch (a chunk's last batch and valid subsets vary). If
+    compiling fails (no compiler, an unsupported platform), the encoder warns and runs eagerly: the index
+    is the same, only slower.
     """
 
     def __init__(
@@ -739,7 +757,9 @@ class ImageEncoder:
         self.device = device
         self.precision = precision
         self.pad_to = pad_to
-        self.features = model.image_features
+        self.eager = model.image_features
+        self.features = self.eager
+        self.compiled = bool(compile)
         if compile:
             mode = compile if isinstance(compile, str) else None
             self.features = torch.compile(model.image_features, dynamic=False, mode=mode)
@@ -755,6 +775,20 @@ class ImageEncoder:
                 part = torch.cat([part, part.new_zeros((self.pad_to - len(part), *part.shape[1:]))])
             zt = torch.full((len(part),), zoom, dtype=torch.long, device=self.device)
             with torch.inference_mode(), autocast_context(self.device, self.precision):
-                f = self.features(part, zt)
+                f = self._features(part, zt)
             out.append(f[: min(step, n - b0)].float().cpu().numpy().astype(np.float16))
         return np.concatenate(out)
+
+    def _features(self, images: Tensor, zoom: Tensor) -> Tensor:
+        if not self.compiled:
+            return self.features(images, zoom)
+        try:
+            return self.features(images, zoom)
+        except Exception as e:  # a compiler or backend failure: the eager encoder computes the same features
+            warnings.warn(
+                f"torch.compile of the image encoder failed ({type(e).__name__}: {e}); running it eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.features, self.compiled = self.eager, False
+            return self.features(images, zoom)
