@@ -19,7 +19,7 @@ export PYTHONPATH="$PWD/src:$PWD:$PWD/tests:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 [ "${SKIP_TESTS:-0}" = 1 ] || timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_map_index.py tests/test_audio.py -k "gpu or cuda" 2>&1 | tail -5 | tee "$OUT/tests.txt"
 # Map index: transforms on the GPU (auto), then with torch.compile of the encoder.
 timeout 200 python3 -m benchmarks.bench_map_index --model psm-paper --points 1500 --baseline-points 150 --workers 16 \
-  --batch-size 512 --threads 16 --skip-memory --compile ${INDEX_COMPILE:-default reduce-overhead} 2>&1 | tee "$OUT/index.txt"
+  --batch-size 512 --threads 16 --skip-memory --compile ${INDEX_COMPILE:-default} 2>&1 | tee "$OUT/index.txt"
 # Training step: plain, psm eager, psm + compile (fused AdamW on the GPU), and a profile of the compiled step.
 timeout ${TRAIN_TIMEOUT:-330} python3 -m benchmarks.bench_train_throughput --model psm-paper --batch 128 --steps 5 \
   --compile ${TRAIN_COMPILE_ALL:+--compile-all} --profile "$OUT/train-profile.txt" 2>&1 | tee "$OUT/train.txt"
