@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -511,7 +511,6 @@ def clap_fusion_features(
     """
     clips, lens = _as_batch(waveforms, lengths)
     device = clips[0].device
-    dtype = getattr(torch, spec.fft_dtype)
     n_chunk, n_mels = spec.chunk_frames, spec.n_mels
 
     eff = torch.clamp(lens, min=spec.max_samples)  # effective (repeat-padded) signal length
@@ -520,15 +519,25 @@ def clap_fusion_features(
     starts = _resolve_starts(chunk_starts, generator, total, is_longer, spec)
 
     out = torch.empty(len(clips), spec.n_channels, n_chunk, n_mels, dtype=torch.float32, device=device)
-    build, block_frames, default_group = _device_plan(device)
-    ws = _Workspace(device)
+    for gi, mel in _whole_clip_mels(clips, eff, spec, max_batch_samples):
+        _fuse(out, _to_device(gi, device), mel, total[gi], starts[gi], is_longer[gi], spec)
+    return out, _to_device(is_longer, device)
+
+
+def _whole_clip_mels(
+    clips: list[Tensor], eff: Tensor, spec: ClapFeatureSpec, max_batch_samples: int | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (clip indices, their whole-clip log-mels (G, frames, mels)) in length-sorted groups.
+
+    ``eff`` holds the effective (repeat-padded) lengths; groups share one scratch workspace.
+    """
+    build, block_frames, default_group = _device_plan(clips[0].device)
+    ws = _Workspace(clips[0].device)
+    dtype = getattr(torch, spec.fft_dtype)
     for group in _length_groups(eff.tolist(), max_batch_samples or default_group):
         gi = torch.tensor(group, dtype=torch.int64)
         signals = build([clips[i] for i in group], eff[gi].tolist(), spec, dtype, ws)
-        mel = _log_mel(signals, spec, ws, block_frames)
-        _fuse(out, _to_device(gi, device), mel, total[gi], starts[gi], is_longer[gi], spec)
-        del mel
-    return out, _to_device(is_longer, device)
+        yield gi, _log_mel(signals, spec, ws, block_frames)
 
 
 def _fuse(
@@ -557,10 +566,8 @@ def clap_clip_mel(waveform: Tensor | np.ndarray, spec: ClapFeatureSpec = DEFAULT
     :func:`clap_fusion_from_mel`."""
     clips, lens = _as_batch([waveform], None)
     eff = torch.clamp(lens, min=spec.max_samples)
-    build, block_frames, _ = _device_plan(clips[0].device)
-    ws = _Workspace(clips[0].device)
-    signals = build(clips, eff.tolist(), spec, getattr(torch, spec.fft_dtype), ws)
-    return _log_mel(signals, spec, ws, block_frames)[0, : int(spec.n_frames(eff)[0])].clone()
+    ((_, mel),) = _whole_clip_mels(clips, eff, spec)
+    return mel[0, : int(spec.n_frames(eff)[0])].clone()
 
 
 @torch.no_grad()
