@@ -190,7 +190,7 @@ def test_transform_on_device_gives_the_same_index(full_index, raster, tmp_path):
     """
     out = tmp_path / "device"
     report = build(out, raster, transform_on="device")
-    assert report.complete
+    assert report.complete and report.transforms_on == "cpu" and not report.compiled
     want, got = read_arrays(full_index), read_arrays(out)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -209,7 +209,8 @@ def test_transform_on_a_gpu_matches_the_cpu_transforms(raster, tmp_path):
     """On a GPU: raw footprints moved and transformed on decode threads' streams, against CPU transforms."""
     cpu = build(tmp_path / "cpu", raster, device="cuda", transform_on="workers", precision="fp32")
     gpu = build(tmp_path / "gpu", raster, device="cuda", transform_on="device", precision="fp32", compile=True)
-    assert cpu.valid == gpu.valid
+    assert cpu.valid == gpu.valid and gpu.compiled and gpu.transforms_on.startswith("cuda")
+    assert cpu.transforms_on == "workers" and not cpu.compiled
     a, b = read_arrays(tmp_path / "cpu"), read_arrays(tmp_path / "gpu")
     for name in a:
         if name.startswith("z"):
@@ -350,6 +351,7 @@ def test_cli_index_and_errors(raster, tmp_path, capsys):
     assert map_main(args) == 0
     out = capsys.readouterr()
     assert "computed" in out.out and "index complete" in out.out
+    assert "encoder on cpu, tile transforms on workers" in out.out  # CPU: no compile, transforms on threads
     # Rerun, transforming on the model's device this time (same features): nothing left to do.
     assert map_main([*args, "--transform-on", "device", "--no-compile"]) == 0 and "skipped" in capsys.readouterr().out
     bad = list(args)

@@ -510,6 +510,9 @@ class IndexReport:
     seconds: float = 0.0
     problems: int = 0
     complete: bool = False  # every chunk of every rank done
+    device: str = "cpu"  # where the encoder ran
+    transforms_on: str = "workers"  # "workers" (the reading threads' CPU), "device", or "custom decoder"
+    compiled: bool = False  # the encoder ran through torch.compile (False after a failed compile)
 
     @property
     def tiles_per_s(self) -> float:
@@ -524,7 +527,8 @@ class IndexReport:
             f"rank {self.rank}/{self.world_size}: computed {len(self.computed)} chunk(s), skipped "
             f"{len(self.skipped)} already done, of {self.my_chunks} ({self.num_chunks} in all, "
             f"{self.num_points} points); {self.tiles} tiles in {self.seconds:.1f} s = {self.tiles_per_s:.1f} tiles/s; "
-            f"valid points per zoom [{valid}]; {self.problems} problem(s); index {state}"
+            f"valid points per zoom [{valid}]; {self.problems} problem(s); index {state}; encoder on "
+            f"{self.device}{' (compiled)' if self.compiled else ''}, tile transforms on {self.transforms_on}"
         )
 
 
@@ -632,10 +636,12 @@ def build_index(
     if compile is None:
         compile = auto_compile(dev, sum(min(chunk_size, grid.num_points - k * chunk_size) * len(zs) for k, zs in todo))
     skip_log = SkipLog(out / "problems" / f"rank{rank}")
+    report.device, report.transforms_on = str(dev), "custom decoder"
     if decoder is None:
         provider.skip_log = skip_log  # problems land next to the index, one file per process
         on_device = transform_on == "device" or (transform_on == "auto" and dev.type == "cuda")
         decoder = TileDecoder(provider, source, cfg.image.img_size, min_valid, skip_log, dev if on_device else None)
+        report.transforms_on = str(dev) if on_device else "workers"
     model = model.to(dev).eval()
     encode = ImageEncoder(model, dev, precision, compile=compile, pad_to=batch_size if compile else None)
     dim = int(cfg.embed_dim)
@@ -712,6 +718,7 @@ def build_index(
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     report.seconds = time.perf_counter() - start
+    report.compiled = encode.compiled
     report.problems = len(skip_log)
     report.complete = all(int(np.asarray(dones[z][:]).sum()) == n_chunks for z in zooms)
     return report
