@@ -188,3 +188,12 @@ def test_cache_refuses_shards():
 
     with pytest.raises(ValueError, match="cache"):
         PSMDataModule(shards="somewhere", tokenizer="tok", cache=True)
+
+
+def test_fused_adamw_only_on_a_gpu_and_without_gradient_clipping():
+    """Lightning refuses to clip gradients under mixed precision for an optimizer that unscales inside its step."""
+    from psm.training.module import use_fused_adamw
+
+    assert use_fused_adamw(True, None) and use_fused_adamw(True, 0.0)
+    assert not use_fused_adamw(True, 1.0)
+    assert not use_fused_adamw(False, None)

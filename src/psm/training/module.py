@@ -25,6 +25,15 @@ from psm.models.heads import GaussianEmbedding
 SCHEDULES = ("official", "warmup-cosine", "constant")
 
 
+def use_fused_adamw(on_gpu: bool, gradient_clip_val: float | None) -> bool:
+    """Whether to use AdamW's fused kernel (one launch for all parameters; the same update rule).
+
+    Only on a GPU, and not with gradient clipping: under mixed precision Lightning refuses to clip the
+    gradients of an optimizer that unscales them inside its own step, as the fused one does.
+    """
+    return bool(on_gpu and not gradient_clip_val)
+
+
 class PSMTrainingModule(L.LightningModule):
     """Trains a :class:`psm.models.psm.PSM` with PCME++ or InfoNCE on tri-modal batches."""
 
@@ -234,8 +243,8 @@ class PSMTrainingModule(L.LightningModule):
             groups = [{"params": model_params + loss_params}]
         else:
             groups = [{"params": model_params}, {"params": loss_params, "weight_decay": 0.0}]
-        # The fused kernel (one launch for all parameters) where every parameter is on a GPU; same update rule.
-        fused = all(p.is_cuda for p in model_params + loss_params) or None
+        on_gpu = all(p.is_cuda for p in model_params + loss_params)
+        fused = use_fused_adamw(on_gpu, getattr(self.trainer, "gradient_clip_val", None)) or None
         opt = torch.optim.AdamW(
             groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps, fused=fused
         )
