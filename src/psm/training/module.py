@@ -244,7 +244,8 @@ class PSMTrainingModule(L.LightningModule):
         else:
             groups = [{"params": model_params}, {"params": loss_params, "weight_decay": 0.0}]
         on_gpu = all(p.is_cuda for p in model_params + loss_params)
-        fused = use_fused_adamw(on_gpu, getattr(self.trainer, "gradient_clip_val", None)) or None
+        clip = self.trainer.gradient_clip_val if on_gpu else None  # (only a GPU run needs the trainer here)
+        fused = use_fused_adamw(on_gpu, clip) or None
         opt = torch.optim.AdamW(
             groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps, fused=fused
         )
