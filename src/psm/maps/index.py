@@ -183,6 +183,12 @@ class TileDecoder:
         """(size_px, gsd_m) of a zoom level's raw footprint."""
         return zoom * self.source.tile_size, self.source.base_gsd_m
 
+    def _central(self, raw: int, zoom: int) -> slice:
+        """Rows (and columns) of a zoom's central crop within the largest zoom's ``raw`` px footprint."""
+        need = zoom * self.source.tile_size
+        top = center_offset(raw, need)
+        return slice(top, top + need)
+
     def _read(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int], channels_first: bool = False):
         """Yield (i, raw uint8 footprint (HWC, or CHW), zooms valid there) for every point with a usable read."""
         raw, gsd = self.footprint(max(zooms))
@@ -193,9 +199,8 @@ class TileDecoder:
             image, mask = got
             ok = []
             for z in zooms:
-                need = z * self.source.tile_size
-                top = center_offset(raw, need)
-                if mask is None or float(mask[top : top + need, top : top + need].mean()) >= self.min_valid:
+                box = self._central(raw, z)
+                if mask is None or float(mask[box, box].mean()) >= self.min_valid:
                     ok.append(z)
             if ok:
                 yield i, image, ok
@@ -210,10 +215,9 @@ class TileDecoder:
         valid = {z: np.zeros(n, dtype=bool) for z in zooms}
         for i, image, ok in self._read(lats, lons, zooms):
             for z in ok:
-                need = z * self.source.tile_size
-                top = center_offset(raw, need)
+                box = self._central(raw, z)
                 # Crop the uint8 first: converting the whole zoom-5 footprint to float is 40× slower.
-                crop = image[top : top + need, top : top + need]
+                crop = image[box, box]
                 try:
                     t = prepare_image(crop, self.source, z, train=False, input_size=self.input_size)
                 except ImageryError as e:
@@ -259,9 +263,8 @@ class TileDecoder:
                     images[z] = torch.empty(0, 3, s, s, device=dev)
                     continue
                 valid[z][[rows[j] for j in keep]] = True
-                need = z * self.source.tile_size
-                top = center_offset(raw, need)
-                crop = on_dev[:, :, top : top + need, top : top + need]
+                box = self._central(raw, z)
+                crop = on_dev[:, :, box, box]
                 if len(keep) < len(rows):
                     crop = crop[torch.as_tensor(keep, dtype=torch.long, device=dev)]
                 images[z] = prepare_eval_batch(crop, self.source, z, input_size=s)

@@ -48,6 +48,12 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 DEG_LAT_M = 111_320.0  # metres per degree of latitude (for coarse degree margins only)
 
 
+def check_footprint(size_px: int, gsd_m: float) -> None:
+    """A footprint of ``size_px`` pixels of ``gsd_m`` metres must have both positive."""
+    if size_px < 1 or not gsd_m > 0:
+        raise ValueError(f"size_px must be ≥ 1 and gsd_m > 0, got {size_px}, {gsd_m}")
+
+
 def _chw(got: Masked | None) -> Masked | None:
     """A (H, W, 3) read as (3, H, W) (a view)."""
     return None if got is None else (got[0].transpose(2, 0, 1), got[1])
@@ -90,8 +96,7 @@ class ImageryProvider(ABC):
         from psm.data.imagery import ImageryError
         from psm.maps.tiles import TileFetchError
 
-        if size_px < 1 or not gsd_m > 0:
-            raise ValueError(f"size_px must be ≥ 1 and gsd_m > 0, got {size_px}, {gsd_m}")
+        check_footprint(size_px, gsd_m)
         try:
             return self._read(float(lat), float(lon), int(size_px), float(gsd_m))
         except (ImageryError, RasterioError, TileFetchError, OSError) as e:
@@ -272,22 +277,37 @@ class RasterProvider(ImageryProvider):
                 self._opened.append(ds)
         return ds
 
-    def candidates(self, lat: float, lon: float) -> list[tuple[int, float]]:
-        """Files whose pixels contain the point, as (index, metres from the nearest edge), deepest first."""
+    def _placements(self, lats: np.ndarray, lons: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where points fall in every file: (depth, col, row), each (files, points).
+
+        ``depth`` is metres from the nearest edge (−inf where the file's pixels do not contain the point);
+        col/row are the fractional pixel coordinates. One coordinate transform per file for all points.
+        """
         from rasterio.warp import transform
 
+        n = len(lats)
+        depth = np.full((len(self.paths), n), -np.inf)
+        col, row = np.zeros_like(depth), np.zeros_like(depth)
         b = self._bounds
-        hit = np.nonzero((b[:, 0] <= lon) & (lon <= b[:, 2]) & (b[:, 1] <= lat) & (lat <= b[:, 3]))[0]
-        out = []
-        for i in hit.tolist():
-            xs, ys = transform("EPSG:4326", self._crs[i], [lon], [lat])
-            col, row = ~self._transforms[i] @ (xs[0], ys[0])
+        for i in range(len(self.paths)):
+            hit = np.nonzero((b[i, 0] <= lons) & (lons <= b[i, 2]) & (b[i, 1] <= lats) & (lats <= b[i, 3]))[0]
+            if not len(hit):
+                continue
+            xs, ys = transform("EPSG:4326", self._crs[i], lons[hit].tolist(), lats[hit].tolist())
+            c, r = ~self._transforms[i] @ (np.asarray(xs), np.asarray(ys))
             h, w = self._shapes[i]
-            if not (0 <= col < w and 0 <= row < h):
-                continue  # inside the lat/lon bounds but not the (rotated/curved) raster itself
-            depth_px = min(col, w - col, row, h - row)
-            out.append((i, depth_px * self._res_m[i]))
-        out.sort(key=lambda t: -t[1])
+            # Inside the lat/lon bounds is not inside the (rotated/curved) raster itself.
+            inside = (c >= 0) & (c < w) & (r >= 0) & (r < h)
+            d = np.minimum.reduce([c, w - c, r, h - r]) * self._res_m[i]
+            depth[i, hit] = np.where(inside, d, -np.inf)
+            col[i, hit], row[i, hit] = c, r
+        return depth, col, row
+
+    def candidates(self, lat: float, lon: float) -> list[tuple[int, float]]:
+        """Files whose pixels contain the point, as (index, metres from the nearest edge), deepest first."""
+        depth = self._placements(np.array([lat], dtype=np.float64), np.array([lon], dtype=np.float64))[0][:, 0]
+        out = [(i, float(d)) for i, d in enumerate(depth) if np.isfinite(d)]
+        out.sort(key=lambda t: -t[1])  # stable: files of equal depth keep their order
         return out
 
     def read_masked_batch(
@@ -308,57 +328,38 @@ class RasterProvider(ImageryProvider):
         ``channels_first`` images come as GDAL stores the bands, with no interleaving (~3× faster reads).
         """
         from rasterio.errors import RasterioError
-        from rasterio.warp import transform
 
         from psm.data.imagery import ImageryError, read_pixel_window
 
         lats = np.asarray(lats, dtype=np.float64).reshape(-1)
         lons = np.asarray(lons, dtype=np.float64).reshape(-1)
         n = len(lats)
-        if size_px < 1 or not gsd_m > 0:
-            raise ValueError(f"size_px must be ≥ 1 and gsd_m > 0, got {size_px}, {gsd_m}")
-        # Depth (metres from the nearest edge) of every point in every file, as candidates() computes it.
-        best_depth = np.full(n, -np.inf)
-        best_file = np.full(n, -1)
-        windows = np.zeros((n, 2), dtype=np.int64)  # (col0, row0) of the footprint in the best file
-        b = self._bounds
-        for i in range(len(self.paths)):
-            hit = np.nonzero((b[i, 0] <= lons) & (lons <= b[i, 2]) & (b[i, 1] <= lats) & (lats <= b[i, 3]))[0]
-            if not len(hit):
-                continue
-            xs, ys = transform("EPSG:4326", self._crs[i], lons[hit].tolist(), lats[hit].tolist())
-            xs, ys = np.asarray(xs), np.asarray(ys)
-            inv = ~self._transforms[i]
-            col = xs * inv.a + ys * inv.b + inv.c  # Affine's own arithmetic, in its order
-            row = xs * inv.d + ys * inv.e + inv.f
-            h, w = self._shapes[i]
-            inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-            depth = np.minimum.reduce([col, w - col, row, h - row]) * self._res_m[i]
-            better = inside & (depth > best_depth[hit])  # strict: ties keep the earlier file, as the stable sort
-            sel = hit[better]
-            best_depth[sel], best_file[sel] = depth[better], i
-            windows[sel, 0] = np.floor(col[better]).astype(np.int64) - size_px // 2
-            windows[sel, 1] = np.floor(row[better]).astype(np.int64) - size_px // 2
+        check_footprint(size_px, gsd_m)
+        # The deepest file of each point, as candidates() ranks them (argmax: ties keep the earlier file).
+        depth, col, row = self._placements(lats, lons)
+        best_file = depth.argmax(axis=0)  # (a provider has at least one file)
+        pts = np.arange(n)
+        best_depth = depth[best_file, pts]
+        col0 = np.floor(col[best_file, pts]).astype(np.int64) - size_px // 2
+        row0 = np.floor(row[best_file, pts]).astype(np.int64) - size_px // 2
         out: list[Masked | None] = [None] * n
         half_m = 0.5 * size_px * gsd_m
         for k in range(n):
-            i = int(best_file[k])
-            col0, row0 = int(windows[k, 0]), int(windows[k, 1])
-            fast = (
-                i >= 0
+            i, c0, r0 = int(best_file[k]), int(col0[k]), int(row0[k])
+            fast = (  # (a point in no file has depth −inf, never ≥ half_m)
+                best_depth[k] >= half_m
                 and self._fast[i]
-                and best_depth[k] >= half_m
                 and math.isclose(gsd_m, self._res_m[i], rel_tol=1e-6)
-                and col0 >= 0
-                and row0 >= 0
-                and col0 + size_px <= self._shapes[i][1]
-                and row0 + size_px <= self._shapes[i][0]
+                and c0 >= 0
+                and r0 >= 0
+                and c0 + size_px <= self._shapes[i][1]
+                and r0 + size_px <= self._shapes[i][0]
             )
             if fast:
                 try:
                     ds = self._dataset(i)
                     image = read_pixel_window(
-                        ds, col0, row0, size_px, self.bands, self.scale, channels_first=channels_first
+                        ds, c0, r0, size_px, self.bands, self.scale, channels_first=channels_first
                     )
                     out[k] = (image, None)
                     continue
