@@ -525,6 +525,19 @@ def test_spearman_matches_scipy_with_ties():
     assert np.isnan(spearman(np.ones(5), b[:5])) and np.isnan(spearman(a[:2], b[:2]))
 
 
+def test_ranking_auc_by_hand():
+    """The hot-place AUC is the share of (positive, negative) pairs the positive wins, ties counting half."""
+    from psm.maps.agreement import ranking_auc
+
+    scores = np.array([0.9, 0.4, 0.4, 0.1, 0.7])
+    positive = np.array([True, True, False, False, False])
+    # pairs: 0.9 beats 0.4, 0.1, 0.7 (3); 0.4 ties 0.4 (½), beats 0.1 (1), loses to 0.7 → 4.5 of 6
+    assert ranking_auc(scores, positive) == pytest.approx(4.5 / 6)
+    assert ranking_auc(-scores, positive) == pytest.approx(1.5 / 6)
+    assert ranking_auc(np.ones(5), positive) == pytest.approx(0.5)
+    assert np.isnan(ranking_auc(scores, np.ones(5, bool))) and np.isnan(ranking_auc(scores, np.zeros(5, bool)))
+
+
 def test_soundscape_diversity_by_hand():
     from psm.maps.agreement import soundscape_diversity
 
@@ -553,7 +566,8 @@ def test_map_agreement_with_the_truth(tiny, tmp_path):
     assert result["num_points"] > 50 and result["hours"] == [6, 14]
     for e in events:
         for h in ("6", "14"):
-            assert -1.0 <= result["rho"][e][h] <= 1.0
+            assert -1.0 <= result["rho"][e][h] <= 1.0 and 0.0 <= result["hot_auc"][e][h] <= 1.0
+    assert 0.0 <= result["mean_hot_auc"] <= 1.0
     # the hour check looks at the same places at both hours: the truth's dawn chorus is a morning sound
     assert result["hot_truth"]["dawn_chorus"]["6"] > 5 * result["hot_truth"]["dawn_chorus"]["14"]
     for h in ("6", "14"):  # the test checkpoint is PCME++: the uncertainty check is there
@@ -561,7 +575,7 @@ def test_map_agreement_with_the_truth(tiny, tmp_path):
         assert all(-1.0 <= v <= 1.0 for v in result["sigma_rho"][h].values())
     table = out.with_suffix(".md").read_text()
     assert "Uncertainty: Spearman ρ of ‖σ‖₁" in table
-    assert table.startswith("| event | query | ρ 06 h | ρ 14 h |")
+    assert table.startswith("| event | query | ρ 06 h | ρ 14 h | AUC 06 h | AUC 14 h |")
     assert f'| dawn_chorus | "{EVENTS[EVENT_NAMES.index("dawn_chorus")].words[0]}" |' in table
     assert all(f"| {e} |" in table for e in events)
     assert psm(["map", "agreement", "--index", str(index), "--checkpoint", str(ckpt), "--world", str(tiny),

@@ -5,6 +5,11 @@ month is known exactly. A text query for an event ("birdsong", the event's first
 map index at one month and hour should rank places like that truth does, whatever the score's scale: hence
 Spearman's rank correlation between the map's scores and the truth at the index's valid points.
 
+Spearman weighs every point alike, so for a rare event (frogs by a lake, sirens in a town) it is dominated by
+how the map orders the many places where the event is all but absent. "Where should I go to hear it?" is
+asked by the hot-place AUC beside it: the probability that a place in the event's top decile of truth
+outscores a place outside it (0.5 = no better than chance), per event and hour.
+
 The hour check asks whether the map *moves with time* the way the truth does: the mean score of an event's
 query over the points where the event is most likely (the top decile of its truth at its peak hour), at
 each hour, next to the truth's mean there (e.g. dawn chorus in the forest at 6 h and at 14 h).
@@ -49,6 +54,19 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
+def ranking_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(a positive outscores a negative), ties counting half (Mann–Whitney U / n₊n₋); NaN without both."""
+    from scipy.stats import rankdata
+
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    rank_sum = rankdata(scores)[positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 @dataclass
 class AgreementResult:
     """Per (event, hour): Spearman ρ of the query map against the truth layer; per event the hour profile."""
@@ -58,6 +76,7 @@ class AgreementResult:
     zoom: int
     num_points: int
     rho: dict[str, dict[int, float]] = field(default_factory=dict)  # event → hour → ρ
+    hot_auc: dict[str, dict[int, float]] = field(default_factory=dict)  # event → hour → AUC of the top decile
     hot_score: dict[str, dict[int, float]] = field(default_factory=dict)  # event → hour → mean score on hot points
     hot_truth: dict[str, dict[int, float]] = field(default_factory=dict)  # same points, mean truth probability
     # hour → {"expected_events": ρ, "event_entropy": ρ} of ‖σ‖₁ against the truth; empty for InfoNCE models
@@ -68,27 +87,36 @@ class AgreementResult:
         values = [v for per in self.rho.values() for v in per.values() if np.isfinite(v)]
         return float(np.mean(values)) if values else float("nan")
 
+    def mean_hot_auc(self) -> float:
+        """Mean hot-place AUC over every (event, hour) with a defined AUC."""
+        values = [v for per in self.hot_auc.values() for v in per.values() if np.isfinite(v)]
+        return float(np.mean(values)) if values else float("nan")
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["mean_rho"] = self.mean_rho()
+        out["mean_hot_auc"] = self.mean_hot_auc()
         return out
 
     def markdown(self) -> str:
         """A table: one row per event, ρ per hour, then score and truth at the hot points per hour."""
         hours = self.hours
-        head = ["event", "query"] + [f"ρ {h:02d} h" for h in hours]
+        head = ["event", "query"] + [f"ρ {h:02d} h" for h in hours] + [f"AUC {h:02d} h" for h in hours]
         head += [f"score {h:02d} h" for h in hours] + [f"truth {h:02d} h" for h in hours]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for event, per in self.rho.items():
             cells = [event, f'"{event_query_text(event)}"'] + [_fmt(per[h]) for h in hours]
+            cells += [_fmt(self.hot_auc[event][h]) for h in hours]
             cells += [_fmt(self.hot_score[event][h], 2) for h in hours]
             cells += [_fmt(self.hot_truth[event][h], 3) for h in hours]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         lines.append(
             f"Mean ρ {self.mean_rho():.3f} over {len(self.rho)} events × {len(hours)} hours; month {self.month}, "
-            f"zoom {self.zoom}, {self.num_points:,} points. Score and truth are means over the same points at every "
-            "hour: each event's top decile of truth at its peak hour."
+            f"zoom {self.zoom}, {self.num_points:,} points. Mean AUC {self.mean_hot_auc():.3f}: how often a place "
+            "in the event's top decile of truth at that hour outscores one outside it (0.5 = chance). Score and "
+            "truth are means over the same points at every hour: each event's top decile of truth at its peak "
+            "hour."
         )
         if self.sigma_rho:
             per_hour = "; ".join(
@@ -110,6 +138,11 @@ def soundscape_diversity(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndar
     with np.errstate(divide="ignore", invalid="ignore"):
         h = -(np.where(p > 0, p * np.log(p), 0.0) + np.where(p < 1, (1 - p) * np.log1p(-p), 0.0))
     return p.sum(axis=1), h.sum(axis=1)
+
+
+def _top_decile(truth: np.ndarray) -> np.ndarray:
+    """Places whose truth is in its top decile (all of them when the truth is constant: no AUC then)."""
+    return truth >= np.quantile(truth, 0.9)
 
 
 def _fmt(v: float, digits: int = 3) -> str:
@@ -162,9 +195,12 @@ def truth_agreement(
     for e in events:
         col = world.events.index(e)
         result.rho[e] = {h: spearman(scores[h][e][valid], truths[h][valid, col]) for h in result.hours}
+        result.hot_auc[e] = {
+            h: ranking_auc(scores[h][e][valid], _top_decile(truths[h][valid, col])) for h in result.hours
+        }
         # The same points at every hour: those whose truth at its peak hour is in the top decile.
         peak = np.max([truths[h][valid, col] for h in result.hours], axis=0)
-        hot = peak >= np.quantile(peak, 0.9)
+        hot = _top_decile(peak)
         result.hot_score[e] = {h: float(scores[h][e][valid][hot].mean()) for h in result.hours}
         result.hot_truth[e] = {h: float(truths[h][valid, col][hot].mean()) for h in result.hours}
     for h, sigma in sigmas.items():
