@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import soundfile as sf
@@ -580,6 +581,55 @@ def test_map_agreement_with_the_truth(tiny, tmp_path):
     assert all(f"| {e} |" in table for e in events)
     assert psm(["map", "agreement", "--index", str(index), "--checkpoint", str(ckpt), "--world", str(tiny),
                 "--month", "5", "--hours", "6", "--events", "unicorn"]) == 2  # fmt: skip
+
+
+def test_contrastive_probe_tells_informative_from_unrelated_sides():
+    from psm.evaluation.ceiling import contrastive_probe
+
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(700, 6))
+    a = np.c_[shared, rng.normal(size=(700, 4))]
+    b = shared @ rng.normal(size=(6, 5)) + 0.1 * rng.normal(size=(700, 5))
+    tr, te = slice(0, 500), slice(500, 700)
+    related = contrastive_probe(a[tr], b[tr], a[te], b[te], steps=300)
+    unrelated = contrastive_probe(a[tr], rng.normal(size=(500, 5)), a[te], rng.normal(size=(200, 5)), steps=300)
+    assert related["recall_at_10pct"] > 0.9 and related["median_rank"] <= 3
+    assert unrelated["recall_at_10pct"] < 0.25 and unrelated["median_rank"] > 50
+    assert contrastive_probe(a[tr], b[tr], a[te], b[te], steps=300) == related  # deterministic for a seed
+    with pytest.raises(ValueError, match="one row per clip"):
+        contrastive_probe(a[tr], b[:400], a[te], b[te])
+
+
+def test_model_probes_find_the_tower_that_knows_nothing(tiny, tmp_path, capsys):
+    """`psm ceiling --embeddings`: an audio "embedding" of pure noise probes at chance, the truth far above."""
+    from psm.cli import main as psm
+
+    ev = load_world(tiny).events_table()
+    rng = np.random.default_rng(1)
+    names = [c[2:] for c in ev.columns if c.startswith("p_")]
+    truth = ev[[f"p_{e}" for e in names]].to_numpy()
+    paths = []
+    for split in ("train", "test"):
+        rows = (ev["split"] == split).to_numpy()
+        table = pd.DataFrame({"key": ev["key"][rows]})
+        image = truth[rows] + 0.01 * rng.normal(size=truth[rows].shape)
+        table["image_features_z1"] = list(image)
+        table["image_mean_z1"] = list(image)
+        table["audio_mean"] = list(rng.normal(size=(int(rows.sum()), 8)))  # knows nothing of the clip
+        paths.append(tmp_path / f"{split}.parquet")
+        table.to_parquet(paths[-1])
+    assert psm(["ceiling", "--world", str(tiny), "--embeddings", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    recall = {
+        line.split(" | ")[0].strip("| "): float(line.split(" | ")[1])
+        for line in out.splitlines()
+        if " × " in line and line.startswith("| ") and "R@10%" not in line
+    }
+    assert len(recall) == 6
+    assert recall["truth × labels + keynotes"] > 0.5 > 0.3 > recall["truth × model audio"]
+    pd.read_parquet(paths[1]).drop(columns="audio_mean").to_parquet(paths[1])
+    assert psm(["ceiling", "--world", str(tiny), "--embeddings", *map(str, paths)]) == 2
+    assert "no column 'audio_mean'" in capsys.readouterr().err
 
 
 def test_retrieval_ceilings_of_the_world(tiny, capsys):

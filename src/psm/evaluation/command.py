@@ -195,21 +195,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--world", required=True, help="world folder written by `psm world generate`")
     p.add_argument("--split", default="test")
     p.add_argument("--out", help="also write the Markdown table to this file")
+    p.add_argument(
+        "--embeddings",
+        nargs=2,
+        metavar=("TRAIN", "TEST"),
+        help="`psm embed` tables of the train and the evaluated split: also probe which tower holds the model back",
+    )
+    p.add_argument("--zoom", type=int, default=1, help="zoom level of the image embeddings to probe (default 1)")
     p.set_defaults(func=_cmd_ceiling)
 
 
 def _cmd_ceiling(args: argparse.Namespace) -> int:
     from psm.data.world import load_world
-    from psm.evaluation.ceiling import format_ceilings, retrieval_ceilings
+    from psm.evaluation.ceiling import format_ceilings, format_probes, model_probes, retrieval_ceilings
     from psm.evaluation.report import write_text_atomic
 
     try:  # WorldError (not a world) and too-small splits are ValueErrors with a message naming the folder
         world = load_world(args.world)
         ceilings = retrieval_ceilings(world, args.split)
+        probes = None
+        if args.embeddings:
+            import pandas as pd
+
+            tables = []
+            for path in args.embeddings:
+                try:
+                    tables.append(pd.read_parquet(path))
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"{path}: not a readable embeddings table ({e})") from e
+            probes = model_probes(world, *tables, zoom=args.zoom)
     except ValueError as e:
         print(f"psm ceiling: error: {e}", file=sys.stderr)
         return 2
     table = format_ceilings(ceilings, world.info["split"]["samples"].get(args.split))
+    if probes is not None:
+        table += "\n\n" + format_probes(probes)
     print(table)
     if args.out:
         write_text_atomic(args.out, table + "\n")
