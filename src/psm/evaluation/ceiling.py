@@ -93,9 +93,11 @@ def contrastive_probe(
     import torch
     from torch.nn import functional as F
 
+    from psm.losses.infonce import GEOCLAP_INIT_LOGIT_SCALE, GEOCLAP_LOGIT_SCALE_RANGE, infonce_pair_loss
+
     def standardise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         mu, sd = train.mean(0), train.std(0) + 1e-6
-        return (torch.as_tensor((x - mu) / sd, dtype=torch.float32) for x in (train, test))
+        return tuple(torch.as_tensor((x - mu) / sd, dtype=torch.float32) for x in (train, test))
 
     a, a_test = standardise(np.asarray(train_a, np.float64), np.asarray(test_a, np.float64))
     b, b_test = standardise(np.asarray(train_b, np.float64), np.asarray(test_b, np.float64))
@@ -105,16 +107,16 @@ def contrastive_probe(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         map_a, map_b = torch.nn.Linear(a.shape[1], dim), torch.nn.Linear(b.shape[1], dim)
-    log_scale = torch.nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+    # GeoCLAP's learned temperature: exp-parameterised from log(1/0.07), the scale capped at 100.
+    log_scale = torch.nn.Parameter(torch.tensor(GEOCLAP_INIT_LOGIT_SCALE, dtype=torch.float32))
+    max_scale = float(np.exp(GEOCLAP_LOGIT_SCALE_RANGE[1]))
     params = [*map_a.parameters(), *map_b.parameters(), log_scale]
     opt = torch.optim.AdamW(params, lr=PROBE_LR, weight_decay=0.05)
     batch = min(PROBE_BATCH, len(a))
-    target = torch.arange(batch)
     for _ in range(steps):
         idx = torch.randperm(len(a), generator=g)[:batch]
-        logits = F.normalize(map_a(a[idx]), dim=-1) @ F.normalize(map_b(b[idx]), dim=-1).T
-        logits = logits * log_scale.exp().clamp(max=100.0)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        za, zb = F.normalize(map_a(a[idx]), dim=-1), F.normalize(map_b(b[idx]), dim=-1)
+        loss = infonce_pair_loss(za, zb, log_scale.exp().clamp(max=max_scale))
         opt.zero_grad()
         loss.backward()
         opt.step()

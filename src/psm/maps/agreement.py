@@ -84,13 +84,11 @@ class AgreementResult:
 
     def mean_rho(self) -> float:
         """Mean ρ over every (event, hour) with a defined ρ."""
-        values = [v for per in self.rho.values() for v in per.values() if np.isfinite(v)]
-        return float(np.mean(values)) if values else float("nan")
+        return _finite_mean(self.rho)
 
     def mean_hot_auc(self) -> float:
         """Mean hot-place AUC over every (event, hour) with a defined AUC."""
-        values = [v for per in self.hot_auc.values() for v in per.values() if np.isfinite(v)]
-        return float(np.mean(values)) if values else float("nan")
+        return _finite_mean(self.hot_auc)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -138,6 +136,12 @@ def soundscape_diversity(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndar
     with np.errstate(divide="ignore", invalid="ignore"):
         h = -(np.where(p > 0, p * np.log(p), 0.0) + np.where(p < 1, (1 - p) * np.log1p(-p), 0.0))
     return p.sum(axis=1), h.sum(axis=1)
+
+
+def _finite_mean(per_event: dict[str, dict[int, float]]) -> float:
+    """Mean of the finite values of an event → hour → value table (NaN when there are none)."""
+    values = [v for per in per_event.values() for v in per.values() if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _top_decile(truth: np.ndarray) -> np.ndarray:
