@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check of the training and map benchmarks in one run (about 7 minutes on one H100), for a lent GPU
+# Every GPU check of the training and map benchmarks in one run (about 6 minutes on one H100), for a lent GPU
 # machine without network: packages missing there travel as wheels in .whl/ (see docs/benchmarks.md; the
 # image lacks soundfile+cffi+pycparser, soxr, rasterio+affine+cligj+click-plugins, zarr+numcodecs+donfig+
 # google-crc32c, jsonargparse+docstring_parser+typeshed_client, webdataset+braceexpand).
 # Results go to $OUT (or ./gpu-results) as one text file per benchmark. SKIP_FUSION=0 adds the fusion run,
 # SKIP_TESTS=1 drops the GPU tests; INDEX_COMPILE lists the torch.compile modes the index run times;
-# TRAIN_COMPILE_ALL=1 adds a step with the whole model and loss compiled (give TRAIN_TIMEOUT=500 then).
+# the training run times the whole model and loss compiled (`--model.compile all`); TRAIN_COMPILE_ENCODERS=1
+# adds the encoders-only compile (another ~3 minutes of compiling: give TRAIN_TIMEOUT=500 then).
 set -u
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -20,9 +21,10 @@ export PYTHONPATH="$PWD/src:$PWD:$PWD/tests:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 # Map index: transforms on the GPU (auto), then with torch.compile of the encoder.
 timeout 200 python3 -m benchmarks.bench_map_index --model psm-paper --points 1500 --baseline-points 150 --workers 16 \
   --batch-size 512 --threads 16 --skip-memory --compile ${INDEX_COMPILE:-default} 2>&1 | tee "$OUT/index.txt"
-# Training step: plain, psm eager, psm + compile (fused AdamW on the GPU), and a profile of the compiled step.
+# Training step: plain, psm eager, psm compiled whole (fused AdamW on the GPU), and a profile of the last step.
 timeout ${TRAIN_TIMEOUT:-330} python3 -m benchmarks.bench_train_throughput --model psm-paper --batch 128 --steps 5 \
-  --compile ${TRAIN_COMPILE_ALL:+--compile-all} --profile "$OUT/train-profile.txt" 2>&1 | tee "$OUT/train.txt"
+  ${TRAIN_COMPILE_ENCODERS:+--compile} --compile-all --profile "$OUT/train-profile.txt" 2>&1 | grep -v "^W[0-9]" \
+  | tee "$OUT/train.txt"
 if [ "${SKIP_FUSION:-1}" = 0 ]; then
   timeout 100 python3 -m benchmarks.bench_map_query --no-scoring --fusion-points-tiny 1000000 --fusion-points-paper 1000000 \
     --fusion-batch 65536 --repeats 2 2>&1 | tee "$OUT/fusion.txt"

@@ -197,3 +197,43 @@ def test_fused_adamw_only_on_a_gpu_and_without_gradient_clipping():
     assert use_fused_adamw(True, None) and use_fused_adamw(True, 0.0)
     assert not use_fused_adamw(True, 1.0)
     assert not use_fused_adamw(False, None)
+
+
+@pytest.mark.parametrize(
+    ("compile", "whole", "encoders"),
+    [(False, False, False), (True, False, True), ("encoders", False, True), ("all", True, False)],
+)
+def test_compile_option_compiles_what_it_names(compile, whole, encoders):
+    """ "all" wraps model and loss (heads, fusion and loss fused too); True / "encoders" only the three towers.
+
+    Compilation itself is lazy (first call), so this checks the wiring without a compiler run.
+    """
+    from psm.training.module import PSMTrainingModule
+
+    module = PSMTrainingModule(model="psm-tiny", compile=compile)
+    compiled = lambda m: m._compiled_call_impl is not None  # noqa: E731 (set by nn.Module.compile)
+    assert compiled(module.model) == whole and compiled(module.loss_fn) == whole
+    assert compiled(module.model.image.encoder) == encoders and compiled(module.model.audio.tower.clap) == encoders
+    assert set(module.state_dict()) == set(PSMTrainingModule(model="psm-tiny").state_dict())  # same checkpoints
+
+
+def test_compile_option_rejects_an_unknown_mode():
+    from psm.training.module import PSMTrainingModule
+
+    with pytest.raises(ValueError, match="compile must be"):
+        PSMTrainingModule(model="psm-tiny", compile="everything")
+
+
+def test_psm_train_does_not_warn_that_it_passes_its_own_arguments(monkeypatch, capsys):
+    """`psm train X` gives LightningCLI sys.argv minus "train"; Lightning's args-and-argv warning is noise there."""
+    import warnings
+
+    from psm.training.train import run_training
+
+    monkeypatch.setattr(sys, "argv", ["psm", "train", "--print_config"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit):
+            run_training(["--print_config"])
+    assert "compile:" in capsys.readouterr().out
+    assert not [w for w in caught if "args parameter" in str(w.message)]

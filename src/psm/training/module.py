@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -23,6 +23,7 @@ from psm.models.factory import create_model
 from psm.models.heads import GaussianEmbedding
 
 SCHEDULES = ("official", "warmup-cosine", "constant")
+COMPILE_MODES = ("encoders", "all")  # what `compile` may name: the three encoders, or model and loss whole
 
 
 def use_fused_adamw(on_gpu: bool, gradient_clip_val: float | None) -> bool:
@@ -62,7 +63,7 @@ class PSMTrainingModule(L.LightningModule):
         warmup_steps: int = 0,
         metadata_dropout_in_validation: bool = False,
         seed: int = 0,
-        compile: bool = False,
+        compile: bool | Literal["encoders", "all"] = False,
     ) -> None:
         """``model`` is an architecture name or YAML; ``init_from`` a psm checkpoint folder to start from.
 
@@ -76,8 +77,10 @@ class PSMTrainingModule(L.LightningModule):
         base rate of a positive (:func:`psm.losses.calibrated_shift`), which training from random weights
         needs to avoid collapsing each modality to a point.
 
-        ``compile=True`` runs the three encoders through ``torch.compile`` (:meth:`PSM.compile_encoders`; for
-        GPUs, where it gave the paper-size step 1.3× on an H100; checkpoints are unchanged).
+        ``compile`` is for GPUs; checkpoints are unchanged. ``"encoders"`` (or ``True``) runs the three encoders
+        through ``torch.compile`` (:meth:`PSM.compile_encoders`); ``"all"`` compiles the whole model and the
+        loss, so heads, fusion and loss are fused too. On an H100 the paper-size step went from 1.2× the plain
+        reference's samples/s (eager) to 1.6× (encoders) and 1.8× (all, after ~2 minutes of compiling).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -99,7 +102,10 @@ class PSMTrainingModule(L.LightningModule):
             self.model = create_model(init_from)
         else:
             self.model = create_model(model, overrides=overrides, satmae_checkpoint=satmae_checkpoint, seed=seed)
-        if compile:
+        compile_mode = "encoders" if compile is True else (compile or None)
+        if compile_mode not in (None, *COMPILE_MODES):
+            raise ValueError(f"compile must be false, true or one of {COMPILE_MODES}, got {compile!r}")
+        if compile_mode == "encoders":
             self.model.compile_encoders()
         if self.model.config.probabilistic != (loss == "pcmepp"):
             raise ValueError(f"loss {loss!r} does not fit a model with probabilistic={self.model.config.probabilistic}")
@@ -115,6 +121,10 @@ class PSMTrainingModule(L.LightningModule):
             **shift,
             distributed="none",
         )
+        if compile_mode == "all":
+            # nn.Module.compile keeps parameter names, so checkpoints stay the same files.
+            self.model.compile()
+            self.loss_fn.compile()
         self._distributed_loss = world_loss
         self._val_outputs: list[dict[str, Tensor]] = []
         self._last_step_time: float | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,15 +90,18 @@ def trainer_defaults(run_dir: str = "runs/psm") -> dict[str, Any]:
 
 def run_training(argv: Sequence[str]) -> int:
     """Parse ``argv`` like LightningCLI and fit; returns a process exit code."""
-    cli = PSMCLI(
-        PSMTrainingModule,
-        PSMDataModule,
-        args=list(argv),
-        run=False,
-        trainer_defaults=trainer_defaults(),
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-    )
+    with warnings.catch_warnings():
+        # `psm train ...` hands LightningCLI its own argv (sys.argv minus "train"): not the mix-up it warns of.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = PSMCLI(
+            PSMTrainingModule,
+            PSMDataModule,
+            args=list(argv),
+            run=False,
+            trainer_defaults=trainer_defaults(),
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+        )
     trainer = cli.trainer
     run_dir = Path(trainer.default_root_dir)
     ckpt_dir = run_dir / "checkpoints"
