@@ -179,19 +179,50 @@ def constant_decoder(size: int, device: str = "cpu"):
     return decode
 
 
-def read_only_decoder(raster: Path, model, workers: int, channels_first: bool):
-    """Reads each point's largest footprint as the index does (one batched call, bands laid out as the
-    transforms take them) and nothing else; every tile then counts as invalid."""
+def read_only_decoder(raster: Path, model, workers: int, on_device: bool):
+    """Reads each point's largest footprint as the index does (blocks of overlapping footprints for the
+    device transforms, per-point images for the CPU ones) and nothing else; every tile counts as invalid."""
     source = get_imagery_source(model.config.image.imagery_source)
     provider = RasterProvider([raster], workers=workers)
 
     def decode(lats, lons, zooms) -> DecodedBatch:
         size = max(zooms) * source.tile_size
-        provider.read_masked_batch(lats, lons, size, source.base_gsd_m, channels_first=channels_first)
+        if on_device:
+            provider.read_blocks(lats, lons, size, source.base_gsd_m, channels_first=True)
+        else:
+            provider.read_masked_batch(lats, lons, size, source.base_gsd_m)
         n = len(lats)
         return DecodedBatch({z: torch.empty(0, 3, 1, 1) for z in zooms}, {z: np.zeros(n, bool) for z in zooms})
 
     return decode
+
+
+def host_read_rates(raster: Path, lats, lons, size: int, workers: int, part: int = 32) -> tuple[float, float]:
+    """Footprints/s of the device path's host side (reads, then one copy into a host buffer), over
+    ``workers`` threads in parts of ``part`` points: (one read per footprint, one read per block)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def rate(per_point: bool) -> float:
+        with RasterProvider([raster], workers=workers) as provider:
+
+            def job(i: int) -> None:
+                la, lo = lats[i : i + part], lons[i : i + part]
+                groups = [slice(k, k + 1) for k in range(len(la))] if per_point else [slice(None)]
+                blocks = [
+                    b for g in groups for b in provider.read_blocks(la[g], lo[g], size, 10.0, channels_first=True)
+                ]
+                host = np.empty(sum(b.image.size for b in blocks), np.uint8)
+                offset = 0
+                for b in blocks:
+                    host[offset : offset + b.image.size].reshape(b.image.shape)[...] = b.image
+                    offset += b.image.size
+
+            with ThreadPoolExecutor(workers) as pool:
+                start = time.perf_counter()
+                list(pool.map(job, range(0, len(lats), part)))
+                return len(lats) / (time.perf_counter() - start)
+
+    return rate(True), rate(False)
 
 
 def proc_status_mb(field: str) -> float:
@@ -378,10 +409,14 @@ def main(argv: list[str] | None = None) -> None:
             if on_device:
                 rate = ours(m=StubModel(model.config).to(args.device), name="decode-workers", transform_on="workers")
                 print(f"decode only, transforms on the decode threads instead: {rate:8.1f} tiles/s")
-            read_rate = ours(
-                decoder=read_only_decoder(raster, model, args.workers, channels_first=on_device), name="read-only"
-            )
+            read_rate = ours(decoder=read_only_decoder(raster, model, args.workers, on_device), name="read-only")
             print(f"raster reads only (no transform, no model): {read_rate:8.1f} tiles/s")
+            size = max(zooms) * get_imagery_source(model.config.image.imagery_source).tile_size
+            one, blocks = host_read_rates(raster, pts.latitude, pts.longitude, size, args.workers)
+            print(
+                f"device path's host side ({size} px footprints, {args.workers} threads): one read per footprint "
+                f"{one:8.1f}, per block of overlapping footprints {blocks:8.1f} footprints/s; ratio {blocks / one:.2f}×"
+            )
             for mode in (args.compile or ["default"]) if args.compile is not None else []:
                 label = "" if mode == "default" else f" (mode {mode})"
                 compile = True if mode == "default" else mode

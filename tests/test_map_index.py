@@ -182,12 +182,15 @@ def test_features_equal_a_direct_read(full_index, raster):
             np.testing.assert_allclose(arrays[f"z{z}"][i].astype(np.float32), direct, rtol=2e-3, atol=2e-3)
 
 
-def test_transform_on_device_gives_the_same_index(full_index, raster, tmp_path):
-    """The GPU path (raw footprints moved, transformed as batches) on CPU: same validity, same features.
+def test_transform_on_device_gives_the_same_index(full_index, raster, tmp_path, monkeypatch):
+    """The GPU path (blocks of raw footprints moved, cut and transformed as batches) on CPU: same validity,
+    same features, with fewer reads than footprints.
 
     A min_valid below 1 makes some zoom-3 footprints partial-but-usable and others not, so the per-zoom
     subsets of the raw batch differ (the indexing the device path does).
     """
+    import psm.data.imagery as imagery
+
     out = tmp_path / "device"
     report = build(out, raster, transform_on="device")
     assert report.complete and report.transforms_on == "cpu" and not report.compiled
@@ -202,6 +205,17 @@ def test_transform_on_device_gives_the_same_index(full_index, raster, tmp_path):
         np.testing.assert_array_equal(b[name], a[name], err_msg=name)
     with pytest.raises(ValueError, match="transform_on"):
         build(tmp_path / "bad", raster, transform_on="gpu")
+    # A dense grid: neighbours' zoom-3 footprints overlap, and come from shared reads.
+    dense = make_grid(spacing=500.0)
+    cpu = build(tmp_path / "dense-cpu", raster, grid=dense, transform_on="workers")
+    reads = []
+    plain = imagery.read_pixel_window
+    monkeypatch.setattr(imagery, "read_pixel_window", lambda *a, **k: reads.append(a[1:5]) or plain(*a, **k))
+    dev = build(tmp_path / "dense-dev", raster, grid=dense, transform_on="device")
+    assert cpu.valid == dev.valid and 0 < len(reads) <= dev.valid[3] / 2  # (parts of 4 points: pairs here)
+    a, b = read_arrays(tmp_path / "dense-cpu"), read_arrays(tmp_path / "dense-dev")
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

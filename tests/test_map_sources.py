@@ -14,7 +14,7 @@ from PIL import Image
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_transform
 
-from psm.maps.sources import FolderProvider, RasterProvider, XYZProvider, parse_source
+from psm.maps.sources import FolderProvider, RasterProvider, XYZProvider, group_windows, parse_source
 from psm.maps.tiles import (
     TileClient,
     TileFetchError,
@@ -160,6 +160,48 @@ def test_raster_batch_reads_equal_point_reads(tmp_path):
         img, _ = prov.read_masked_batch([pts[7][0]], [pts[7][1]], 48, 10.0)[0]
         assert tuple(img[24, 24]) == (330 % 256, 150, 7)
         assert prov.problems == []
+
+
+def test_group_windows_reads_a_box_only_when_it_is_no_larger_than_its_windows():
+    assert group_windows(np.array([], dtype=int), np.array([], dtype=int), 10) == []
+    runs = group_windows(np.array([0, 2, 4, 100, 0]), np.array([0, 0, 0, 0, 40]), 10)
+    # 0/2/4 on a row: a 14 × 10 box ≤ 3 windows; 100 is too far (a 110-wide box), and so is the next row.
+    assert [r.tolist() for r in runs] == [[0, 1, 2], [3], [4]]
+    # Exactly as large as its windows together still groups (2 × 10 × 10 = a 20 × 10 box).
+    assert [r.tolist() for r in group_windows(np.array([0, 10]), np.array([0, 0]), 10)] == [[0, 1]]
+    assert [r.tolist() for r in group_windows(np.array([0, 11]), np.array([0, 0]), 10)] == [[0], [1]]
+
+
+def test_raster_blocks_read_overlapping_footprints_once(tmp_path, monkeypatch):
+    """Neighbouring points of a map grid: one read per run of overlapping footprints, the same pixels as
+    point reads in both layouts, with edge points (masked) and an outside point mixed in, in point order."""
+    import psm.data.imagery as imagery
+
+    path = write_pattern_raster(tmp_path / "a.tif", width=500)
+    pts = [lonlat_of_pixel(r, c) for r in (60, 70) for c in range(40, 200, 10)]
+    pts += [lonlat_of_pixel(5, 250), (0.0, 0.0), lonlat_of_pixel(150, 450)]
+    lats, lons = [p[0] for p in pts], [p[1] for p in pts]
+    reads = []
+    plain = imagery.read_pixel_window
+    monkeypatch.setattr(imagery, "read_pixel_window", lambda *a, **k: reads.append(a[1:5]) or plain(*a, **k))
+    with RasterProvider([path], workers=1) as prov:
+        want = [prov.read_masked(la, lo, 48, 10.0) for la, lo in pts]
+        blocks = prov.read_blocks(lats, lons, 48, 10.0, channels_first=True)
+        assert sorted(k for b in blocks for k, _, _ in b.members) == [k for k, w in enumerate(want) if w is not None]
+        assert len(reads) < len(pts) // 4 and max(len(b.members) for b in blocks) > 4
+        hwc = prov.read_masked_batch(lats, lons, 48, 10.0)
+        chw = prov.read_masked_batch(lats, lons, 48, 10.0, channels_first=True)
+    kinds = set()
+    for w, h, c in zip(want, hwc, chw, strict=True):
+        assert (w is None) == (h is None) == (c is None)
+        if w is None:
+            kinds.add("none")
+            continue
+        np.testing.assert_array_equal(h[0], w[0])
+        np.testing.assert_array_equal(c[0], w[0].transpose(2, 0, 1))
+        assert (h[1] is None) == (w[1] is None)
+        kinds.add("full" if w[1] is None else "masked")
+    assert kinds == {"none", "full", "masked"}
 
 
 def test_raster_batch_reads_of_scaled_uint16_bands(tmp_path):

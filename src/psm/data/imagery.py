@@ -448,22 +448,23 @@ def read_pixel_window(
     src: DatasetReader,
     col0: int,
     row0: int,
-    size_px: int,
+    width: int,
+    height: int,
     bands: Sequence[int],
     scale: tuple[float, float] | None,
     *,
     channels_first: bool = False,
 ) -> np.ndarray:
-    """HWC (or CHW) uint8 of the ``size_px`` square of pixels at (row0, col0), which must lie inside the raster.
+    """HWC (or CHW) uint8 of the ``width × height`` pixels from (row0, col0), which must lie inside the raster.
 
     The bare read behind :func:`read_raster_window`'s native-resolution path (same values), for callers
     that placed many windows at once and want no per-window checks. ``channels_first`` returns the bands as
     GDAL stores them, without the interleaving (a 1,280² RGB read: ~2 instead of ~7 ms).
     """
-    window = Window(col0, row0, size_px, size_px)
+    window = Window(col0, row0, width, height)
     if channels_first:
         return np.ascontiguousarray(_scaled_uint8(src.read(list(bands), window=window), scale))
-    return _to_uint8_hwc(_read_interleaved(src, list(bands), size_px, size_px, window=window), scale)
+    return _to_uint8_hwc(_read_interleaved(src, list(bands), height, width, window=window), scale)
 
 
 def _read_native(

@@ -53,8 +53,9 @@ index.json; each rank writes only its own chunks.
 
 Throughput: footprints are read on a thread pool (``workers``) a few batches ahead of the model
 (prefetch), so decode overlaps the forward passes; CUDA runs under bf16 (or fp16) autocast. On a GPU the
-threads only read (:meth:`~psm.maps.sources.ImageryProvider.read_masked_batch`) and hand the raw uint8
-footprints to the GPU, where every zoom's crop, resize and normalisation run as batches
+threads only read (:meth:`~psm.maps.sources.ImageryProvider.read_blocks`: overlapping footprints of
+neighbouring points as one window) and hand the raw uint8 blocks to the GPU, where each footprint is cut
+out and every zoom's crop, resize and normalisation run as batches
 (``transform_on``); ``compile`` puts the encoder through ``torch.compile``.
 Memory: one chunk's features plus the prefetched batches; nothing grows with the grid.
 """
@@ -189,21 +190,18 @@ class TileDecoder:
         top = center_offset(raw, need)
         return slice(top, top + need)
 
-    def _read(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int], channels_first: bool = False):
-        """Yield (i, raw uint8 footprint (HWC, or CHW), zooms valid there) for every point with a usable read."""
+    def _usable_zooms(self, mask: np.ndarray | None, zooms: Sequence[int], raw: int) -> list[int]:
+        """The zooms whose central crop of a ``raw`` px footprint has at least ``min_valid`` valid pixels."""
+        if mask is None:
+            return list(zooms)
+        return [z for z in zooms if float(mask[self._central(raw, z), self._central(raw, z)].mean()) >= self.min_valid]
+
+    def _read(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int]):
+        """Yield (i, raw uint8 HWC footprint, zooms valid there) for every point with a usable read."""
         raw, gsd = self.footprint(max(zooms))
-        reads = self.provider.read_masked_batch(lats, lons, raw, gsd, channels_first=channels_first)
-        for i, got in enumerate(reads):
-            if got is None:
-                continue
-            image, mask = got
-            ok = []
-            for z in zooms:
-                box = self._central(raw, z)
-                if mask is None or float(mask[box, box].mean()) >= self.min_valid:
-                    ok.append(z)
-            if ok:
-                yield i, image, ok
+        for i, got in enumerate(self.provider.read_masked_batch(lats, lons, raw, gsd)):
+            if got is not None and (ok := self._usable_zooms(got[1], zooms, raw)):
+                yield i, got[0], ok
 
     def __call__(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int]) -> DecodedBatch:
         """Model inputs for points (lats, lons) at ``zooms``; points without imagery are marked invalid."""
@@ -233,38 +231,54 @@ class TileDecoder:
 
     def _on_device(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int], dev: torch.device) -> DecodedBatch:
         n = len(lats)
-        raw = self.footprint(max(zooms))[0]
-        rows: list[int] = []
-        footprints: list[np.ndarray] = []
-        usable: list[list[int]] = []
-        # Channels first: the reads skip the interleaving, and (B, 3, H, W) is what the transforms take.
-        for i, image, ok in self._read(lats, lons, zooms, channels_first=True):
-            if image.shape != (3, raw, raw) or image.dtype != np.uint8:
-                problem = f"footprint is {image.dtype} {image.shape}, expected uint8 (3, {raw}, {raw})"
-                self.skip_log.record(DataProblem(problem, key=f"{lats[i]:.6f},{lons[i]:.6f}"))
-                continue
-            rows.append(i)
-            footprints.append(image)
-            usable.append(ok)
+        raw, gsd = self.footprint(max(zooms))
+        # Channels first: the reads skip the interleaving, and (B, 3, H, W) is what the transforms take. Blocks
+        # of overlapping footprints travel once and are cropped on the device (less to read and to copy).
+        blocks = self.provider.read_blocks(lats, lons, raw, gsd, channels_first=True)
+        entries: list[tuple[int, int, int, list[int]]] = []  # (point, block, member, usable zooms)
+        for b, block in enumerate(blocks):
+            for j, (i, _, _) in enumerate(block.members):
+                image, mask = block.footprint(j, raw)
+                if image.shape != (3, raw, raw) or image.dtype != np.uint8:
+                    problem = f"footprint is {image.dtype} {image.shape}, expected uint8 (3, {raw}, {raw})"
+                    self.skip_log.record(DataProblem(problem, key=f"{lats[i]:.6f},{lons[i]:.6f}"))
+                elif ok := self._usable_zooms(mask, zooms, raw):
+                    entries.append((i, b, j, ok))
+        entries.sort()  # the model's rows follow the points' order
         valid = {z: np.zeros(n, dtype=bool) for z in zooms}
         s = self.input_size
-        if not rows:
+        if not entries:
             return DecodedBatch({z: torch.empty(0, 3, s, s, device=dev) for z in zooms}, valid)
+        used = sorted({b for _, b, _, _ in entries})
         cuda = dev.type == "cuda"
         stream = self._stream(dev) if cuda else None
         with torch.cuda.stream(stream) if cuda else nullcontext():
-            host = torch.empty((len(rows), 3, raw, raw), dtype=torch.uint8, pin_memory=cuda)
-            np.stack(footprints, out=host.numpy())
+            # One pinned buffer, one copy: every used block back to back.
+            host = torch.empty(sum(blocks[b].image.size for b in used), dtype=torch.uint8, pin_memory=cuda)
+            flat, spans, offset = host.numpy(), {}, 0
+            for b in used:
+                shape, size = blocks[b].image.shape, blocks[b].image.size
+                flat[offset : offset + size].reshape(shape)[...] = blocks[b].image
+                spans[b] = (offset, shape)
+                offset += size
             on_dev = host.to(dev, non_blocking=True)
+            views = {b: on_dev[o : o + int(np.prod(shape))].view(shape) for b, (o, shape) in spans.items()}
+            crops = []
+            for _, b, j, _ in entries:
+                _, r, c = blocks[b].members[j]
+                crops.append(views[b][:, r : r + raw, c : c + raw])
+            footprints = torch.stack(crops)
+            rows = [i for i, _, _, _ in entries]
+            usable = [ok for _, _, _, ok in entries]
             images = {}
             for z in zooms:
-                keep = [j for j, ok in enumerate(usable) if z in ok]
+                keep = [k for k, ok in enumerate(usable) if z in ok]
                 if not keep:
                     images[z] = torch.empty(0, 3, s, s, device=dev)
                     continue
-                valid[z][[rows[j] for j in keep]] = True
+                valid[z][[rows[k] for k in keep]] = True
                 box = self._central(raw, z)
-                crop = on_dev[:, :, box, box]
+                crop = footprints[:, :, box, box]
                 if len(keep) < len(rows):
                     crop = crop[torch.as_tensor(keep, dtype=torch.long, device=dev)]
                 images[z] = prepare_eval_batch(crop, self.source, z, input_size=s)
