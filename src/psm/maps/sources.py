@@ -69,6 +69,11 @@ class FootprintBlock:
     mask: np.ndarray | None
     members: tuple[tuple[int, int, int], ...]
 
+    @classmethod
+    def of_point(cls, k: int, got: Masked | None) -> FootprintBlock | None:
+        """Point ``k``'s own read (HWC, as :meth:`ImageryProvider.read_masked` gives it) as a block; None stays None."""
+        return None if got is None else cls(got[0].transpose(2, 0, 1), got[1], ((k, 0, 0),))
+
     def footprint(self, j: int, size_px: int) -> Masked:
         """Member ``j``'s footprint as ((3, size, size) view, mask view or None)."""
         if len(self.members) == 1:
@@ -162,9 +167,8 @@ class ImageryProvider(ABC):
         channels first (the layout GPU transforms take), else pixel-interleaved (CPU transforms)."""
         blocks = []
         for k, (la, lo) in enumerate(zip(lats, lons, strict=True)):
-            got = self.read_masked(la, lo, size_px, gsd_m)
-            if got is not None:
-                blocks.append(FootprintBlock(got[0].transpose(2, 0, 1), got[1], ((k, 0, 0),)))
+            if (block := FootprintBlock.of_point(k, self.read_masked(la, lo, size_px, gsd_m))) is not None:
+                blocks.append(block)
         return blocks
 
     def read_masked_batch(
@@ -444,9 +448,10 @@ class RasterProvider(ImageryProvider):
                 placed = tuple((int(k), int(row0[k]) - r_lo, int(col0[k]) - c_lo) for k in ks)
                 blocks.append(FootprintBlock(image, None, placed))
         for k in sorted(slow):
-            got = self.read_masked(lats[k], lons[k], size_px, gsd_m)
-            if got is not None:
-                blocks.append(FootprintBlock(got[0].transpose(2, 0, 1), got[1], ((int(k), 0, 0),)))
+            if (
+                block := FootprintBlock.of_point(int(k), self.read_masked(lats[k], lons[k], size_px, gsd_m))
+            ) is not None:
+                blocks.append(block)
         return blocks
 
     def _read(self, lat: float, lon: float, size_px: int, gsd_m: float) -> Masked | None:
