@@ -357,6 +357,30 @@ def test_index_over_an_xyz_layer(tmp_path):
         assert meta["provider"]["type"] == "xyz" and "cache" not in json.dumps(meta)
 
 
+def test_cli_index_over_a_keyed_xyz_layer_keeps_keys_out_of_files(tmp_path, capsys, monkeypatch):
+    """--source xyz:...{env:NAME} and --tile-header: the requests carry the keys, index.json does not."""
+    from tile_server import TileServer
+
+    monkeypatch.setenv("TILE_KEY", "s3cr3t-key")
+    monkeypatch.setenv("TILE_TOKEN", "t0ken-value")
+    with TileServer() as server:
+        server.required_query = "key=s3cr3t-key"
+        server.required_headers = {"Authorization": "Bearer t0ken-value"}
+        args = ["index", "--model", "psm-tiny", "--bbox", "13.40", "52.50", "13.43", "52.52", "--spacing-m", "1000",
+                "--source", f"xyz:{server.url_template}?key={{env:TILE_KEY}}", "--zoom", "1", "--out",
+                str(tmp_path / "idx"), "--cache", str(tmp_path / "cache"), "--workers", "2", "--device", "cpu",
+                "--no-progress"]  # fmt: skip
+        assert map_main([*args, "--tile-header", "Authorization: Bearer {env:TILE_TOKEN}"]) == 0
+        out = capsys.readouterr().out
+        assert "index complete" in out and " 0 problem(s)" in out  # every tile came with the keys
+        assert map_main([*args, "--tile-header", "no colon here"]) == 2
+        assert "expected 'NAME: VALUE'" in capsys.readouterr().err
+    meta = read_index_meta(tmp_path / "idx")
+    assert meta["provider"]["url"].endswith("?key={env:TILE_KEY}")
+    written = [p.read_bytes() for p in (tmp_path / "idx").rglob("*.json")]
+    assert written and not [b for b in written if b"s3cr3t" in b or b"t0ken" in b]
+
+
 def test_cli_index_and_errors(raster, tmp_path, capsys):
     w, s, e, n = region_bbox()
     args = ["index", "--model", "psm-tiny", "--bbox", str(w), str(s), str(e), str(n), "--spacing-m", "2500",
@@ -366,8 +390,13 @@ def test_cli_index_and_errors(raster, tmp_path, capsys):
     out = capsys.readouterr()
     assert "computed" in out.out and "index complete" in out.out
     assert "encoder on cpu, tile transforms on workers" in out.out  # CPU: no compile, transforms on threads
-    # Rerun, transforming on the model's device this time (same features): nothing left to do.
-    assert map_main([*args, "--transform-on", "device", "--no-compile"]) == 0 and "skipped" in capsys.readouterr().out
+    valid = out.out.split("valid points per zoom in the index [")[1].split("]")[0]
+    assert valid.startswith("z1: ") and valid != "z1: 0"
+    # Rerun, transforming on the model's device this time (same features): nothing left to do, and the
+    # summary still counts the index's valid points (not the none computed now).
+    assert map_main([*args, "--transform-on", "device", "--no-compile"]) == 0
+    rerun = capsys.readouterr().out
+    assert "skipped" in rerun and f"in the index [{valid}; computed now: z1: 0]" in rerun
     bad = list(args)
     bad[bad.index("--zoom") + 1] = "3"
     assert map_main(bad) == 2 and "refusing to resume" in capsys.readouterr().err

@@ -345,6 +345,35 @@ def test_giving_up_records_a_problem_and_reads_none(tile_server, tmp_path):
     assert tile_server.requests[(13, 5, 5)] == 1
 
 
+def test_tile_keys_come_from_the_environment_and_are_never_written(tile_server, tmp_path, monkeypatch):
+    """A keyed layer ({env:NAME} in the URL and a header): requests carry the keys; describe(), the cache
+    folder, problem records and errors keep the placeholders."""
+    monkeypatch.setenv("TILE_KEY", "s3cr3t-key")
+    monkeypatch.setenv("TILE_TOKEN", "t0ken-value")
+    tile_server.required_query = "key=s3cr3t-key"
+    tile_server.required_headers = {"Authorization": "Bearer t0ken-value"}
+    template = tile_server.url_template + "?key={env:TILE_KEY}"
+    headers = {"Authorization": "Bearer {env:TILE_TOKEN}"}
+    lat, lon = tile_centre(13, 4400, 2700)
+    with XYZProvider(template, headers=headers, cache_dir=tmp_path, backoff_s=0.01, retries=1) as prov:
+        image, valid = prov.read_masked(lat, lon, 64, 10.0)
+        assert valid is None and tuple(image[32, 32]) == tile_colour(13, 4400, 2700)
+        assert prov.describe()["url"] == template
+        tile_server.inject(13, 4401, 2700, "500", "500")  # a neighbour the server fails twice: given up
+        with pytest.raises(TileFetchError) as error:
+            prov.client.get(13, 4401, 2700)
+    assert "key={env:TILE_KEY}: giving up" in str(error.value) and "s3cr3t" not in str(error.value)
+    assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.rglob("*") if "s3cr3t" in str(p)]
+    # Without the header the keyed server refuses (403: no retries); the record names the URL, not the key.
+    with XYZProvider(template, backoff_s=0.01, retries=1) as prov:
+        assert prov.read_masked(lat, lon, 64, 10.0) is None
+        assert "HTTP 403" in repr(prov.problems) and "{env:TILE_KEY}" in repr(prov.problems)
+        assert "s3cr3t" not in repr(prov.problems)
+    monkeypatch.delenv("TILE_KEY")
+    with pytest.raises(ValueError, match="environment variable TILE_KEY is not set"):
+        XYZProvider(template)
+
+
 def test_404_is_no_imagery_not_an_error(tile_server):
     tile_server.fail_first = ["404"] * 10
     prov = XYZProvider(tile_server.url_template, timeout_s=0.3, retries=3, backoff_s=0.01)

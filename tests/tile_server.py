@@ -50,6 +50,8 @@ class TileServer:
         self.missing: set[tuple[int, int, int]] = set()
         self.requests: Counter[tuple[int, int, int]] = Counter()
         self._seen: Counter[tuple[int, int, int]] = Counter()
+        self.required_query: str | None = None  # e.g. "key=abc": requests without it get 403, like a keyed service
+        self.required_headers: dict[str, str] = {}  # likewise for headers (e.g. Authorization)
         self.active = 0  # "slow" requests being held now
         self.max_active = 0  # the most held at once (checks a client's concurrency limit)
         self._lock = threading.Lock()
@@ -106,6 +108,13 @@ class TileServer:
                     y = int(parts[2].split(".")[0])
                 except (IndexError, ValueError):
                     self.send_error(400)
+                    return
+                query = self.path.partition("?")[2].split("&")
+                keyed = server.required_query is None or server.required_query in query
+                if not keyed or any(self.headers.get(k) != v for k, v in server.required_headers.items()):
+                    self.send_response(403)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 fault = server._next_fault((z, x, y))
                 if fault in ("500", "503", "429", "403", "404"):

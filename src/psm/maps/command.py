@@ -58,6 +58,14 @@ def add_index_parser(map_subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--retries", type=int, default=4, help="XYZ retries per tile")
     s.add_argument("--tile-concurrency", type=int, default=8, help="simultaneous XYZ requests")
     s.add_argument("--max-tile-zoom", type=int, default=19, help="highest web-mercator zoom the layer has")
+    s.add_argument(
+        "--tile-header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="an HTTP header for every XYZ request (repeatable); keys from the environment as {env:NAME}, "
+        "also in the URL template, e.g. 'Authorization: Bearer {env:TILE_TOKEN}'",
+    )
     s.add_argument("--tolerance-m", type=float, default=1000.0, help="folder source: max distance to an image")
 
     o = p.add_argument_group("run")
@@ -126,6 +134,17 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, str]:
         raise _UsageError(str(e)) from e
 
 
+def parse_headers(specs: list[str]) -> dict[str, str] | None:
+    """``["Name: value", ...]`` as a dict (None for none); a spec without a colon is an error."""
+    headers = {}
+    for spec in specs:
+        name, sep, value = spec.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"--tile-header {spec!r}: expected 'NAME: VALUE'")
+        headers[name.strip()] = value.strip()
+    return headers or None
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from psm.maps.index import build_index
     from psm.maps.sources import parse_source
@@ -144,6 +163,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             retries=args.retries,
             concurrency=args.tile_concurrency,
             max_zoom=args.max_tile_zoom,
+            headers=parse_headers(args.tile_header),
             tolerance_m=args.tolerance_m,
         )
         print(f"psm map index: {grid!r}; model {name}; source {args.source.split(':', 1)[0]}", file=sys.stderr)

@@ -524,6 +524,7 @@ class IndexReport:
     tiles: int = 0  # (point, zoom) pairs read and embedded or found without imagery
     embedded: int = 0  # images that went through the model
     valid: dict[int, int] = field(default_factory=dict)  # zoom → valid points in the computed chunks
+    valid_in_index: dict[int, int] = field(default_factory=dict)  # zoom → valid points in all done chunks
     seconds: float = 0.0
     problems: int = 0
     complete: bool = False  # every chunk of every rank done
@@ -538,13 +539,15 @@ class IndexReport:
 
     def summary(self) -> str:
         """One paragraph for the command line."""
-        valid = ", ".join(f"z{z}: {v}" for z, v in sorted(self.valid.items()))
+        valid = ", ".join(f"z{z}: {v}" for z, v in sorted(self.valid_in_index.items()))
+        if self.skipped or self.world_size > 1:  # then this run's chunks are not the whole index
+            valid += "; computed now: " + ", ".join(f"z{z}: {v}" for z, v in sorted(self.valid.items()))
         state = "complete" if self.complete else "incomplete (other ranks' or remaining chunks missing)"
         return (
             f"rank {self.rank}/{self.world_size}: computed {len(self.computed)} chunk(s), skipped "
             f"{len(self.skipped)} already done, of {self.my_chunks} ({self.num_chunks} in all, "
             f"{self.num_points} points); {self.tiles} tiles in {self.seconds:.1f} s = {self.tiles_per_s:.1f} tiles/s; "
-            f"valid points per zoom [{valid}]; {self.problems} problem(s); index {state}; encoder on "
+            f"valid points per zoom in the index [{valid}]; {self.problems} problem(s); index {state}; encoder on "
             f"{self.device}{' (compiled)' if self.compiled else ''}, tile transforms on {self.transforms_on}"
         )
 
@@ -738,6 +741,8 @@ def build_index(
     report.compiled = encode.compiled
     report.problems = len(skip_log)
     report.complete = all(int(np.asarray(dones[z][:]).sum()) == n_chunks for z in zooms)
+    # A rerun that resumes (or skips everything) still reports what the index holds, not only its own share.
+    report.valid_in_index = {z: int(np.count_nonzero(valids[z][:])) for z in zooms}
     return report
 
 

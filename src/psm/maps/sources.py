@@ -512,9 +512,12 @@ class XYZProvider(ImageryProvider):
         max_zoom: int = 19,
         tile_size: int = 256,
         memory_tiles: int = 256,
+        headers: dict[str, str] | None = None,
         workers: int = 8,
         skip_log: SkipLog | None = None,
     ) -> None:
+        """Options as :class:`~psm.maps.tiles.TileClient`'s; ``{env:NAME}`` in the URL or a header value
+        takes a key from the environment (index.json keeps the placeholder)."""
         from psm.maps.tiles import TileClient
 
         super().__init__(workers=workers, skip_log=skip_log)
@@ -528,6 +531,7 @@ class XYZProvider(ImageryProvider):
             concurrency=concurrency,
             memory_tiles=memory_tiles,
             tile_size=tile_size,
+            headers=headers,
             on_problem=self.record,
         )
 

@@ -12,7 +12,11 @@
   ``os.replace``), plus ``y.missing`` markers for 404s, so a rerun makes no requests for what it has
   (resume); a cached file that no longer decodes is deleted and fetched again;
 * an in-memory LRU of decoded tiles and de-duplication of concurrent requests for the same tile, since
-  neighbouring map points share most of their tiles.
+  neighbouring map points share most of their tiles;
+* **secrets from the environment**: ``{env:NAME}`` in the URL template or a header value is replaced by the
+  environment variable ``NAME`` when a request is made. Everything written down (index.json, problem
+  records, error messages, the cache folder's key) keeps the placeholder, so a key never lands in a file
+  and a rotated key keeps the cache.
 
 :func:`read_footprint` picks the web-mercator zoom whose ground resolution at the point's latitude is
 closest (in log scale) to the wanted GSD, mosaics the tiles under the ground square of
@@ -30,6 +34,7 @@ import io
 import math
 import os
 import random
+import re
 import tempfile
 import threading
 import time
@@ -51,8 +56,28 @@ MISSING_STATUSES = frozenset({204, 404, 410})  # "no tile here": no imagery, not
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
+ENV_PLACEHOLDER = re.compile(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 class TileFetchError(RuntimeError):
     """A tile that could not be fetched after every retry (or with a non-retryable HTTP error)."""
+
+
+def expand_env(text: str, what: str) -> str:
+    """``text`` with each ``{env:NAME}`` replaced by the environment variable NAME (a clear error if unset)."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ValueError(f"{what} uses {{env:{name}}} but the environment variable {name} is not set")
+        return os.environ[name]
+
+    return ENV_PLACEHOLDER.sub(value, text)
+
+
+def fill_tile_template(template: str, z: int, x: int, y: int) -> str:
+    """``template`` with ``{z}``, ``{x}`` and ``{y}`` filled in (other text, ``{env:...}`` too, left as is)."""
+    return template.replace("{z}", str(z)).replace("{x}", str(x)).replace("{y}", str(y))
 
 
 def mercator_resolution(zoom: int, lat: float, tile_size: int = 256) -> float:
@@ -117,7 +142,11 @@ class TileClient:
     ) -> None:
         if not all(k in url_template for k in ("{z}", "{x}", "{y}")):
             raise ValueError(f"tile URL template needs {{z}}, {{x}} and {{y}}: {url_template!r}")
-        self.url_template = url_template
+        self.url_template = url_template  # as given: {env:...} placeholders stay (it is written down)
+        self._request_template = expand_env(url_template, "the tile URL template")  # checked now, not per tile
+        # Secret values back to their placeholders in any message (an error text may quote the URL).
+        used = set(ENV_PLACEHOLDER.findall(url_template + "".join((headers or {}).values())))
+        self._secrets = {os.environ[n]: f"{{env:{n}}}" for n in sorted(used) if os.environ.get(n)}
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.backoff_s = float(backoff_s)
@@ -127,7 +156,8 @@ class TileClient:
         self.on_problem = on_problem
         from psm import __version__
 
-        self.headers = {"User-Agent": f"psm/{__version__} (soundscape maps)"} | dict(headers or {})
+        given = {k: expand_env(v, f"tile header {k!r}") for k, v in (headers or {}).items()}
+        self.headers = {"User-Agent": f"psm/{__version__} (soundscape maps)"} | given
         self.cache_dir: Path | None = None
         if cache_dir is not None:
             # One sub-folder per template: two tile layers never share a cache by accident.
@@ -145,8 +175,12 @@ class TileClient:
 
     # --- helpers ----------------------------------------------------------------------------------------
     def url(self, z: int, x: int, y: int) -> str:
-        """The tile's URL."""
-        return self.url_template.format(z=z, x=x, y=y)
+        """The tile's URL as written down: any ``{env:NAME}`` stays a placeholder."""
+        return fill_tile_template(self.url_template, z, x, y)
+
+    def request_url(self, z: int, x: int, y: int) -> str:
+        """The URL requested, with ``{env:NAME}`` filled in (never logged or stored)."""
+        return fill_tile_template(self._request_template, z, x, y)
 
     def cache_path(self, z: int, x: int, y: int) -> Path | None:
         """Where the tile is cached on disk (None without a cache)."""
@@ -164,9 +198,16 @@ class TileClient:
             while len(self._memory) > self.memory_tiles:
                 self._memory.popitem(last=False)
 
+    def redact(self, text: str) -> str:
+        """``text`` with the values of the template's and headers' environment variables put back as
+        ``{env:NAME}`` (what goes into problem records and errors)."""
+        for secret, placeholder in self._secrets.items():
+            text = text.replace(secret, placeholder)
+        return text
+
     def _problem(self, reason: str, z: int, x: int, y: int) -> None:
         if self.on_problem is not None:
-            self.on_problem(DataProblem(reason, file=self.url(z, x, y), key=f"{z}/{x}/{y}"))
+            self.on_problem(DataProblem(self.redact(reason), file=self.url(z, x, y), key=f"{z}/{x}/{y}"))
 
     def _decode(self, data: bytes) -> np.ndarray:
         """Decode a tile fully (so truncation shows now) to RGB uint8 of ``tile_size``²."""
@@ -228,7 +269,7 @@ class TileClient:
             try:
                 with self._net:
                     self._count(requests=1)
-                    req = urllib.request.Request(url, headers=self.headers)
+                    req = urllib.request.Request(self.request_url(z, x, y), headers=self.headers)
                     with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                         status = resp.status
                         data = resp.read()
@@ -255,7 +296,7 @@ class TileClient:
             if attempt < self.retries:
                 self._sleep_backoff(attempt, retry_after)
         self._count(failures=1)
-        raise TileFetchError(f"{url}: giving up after {attempt + 1} attempt(s): {last}")
+        raise TileFetchError(self.redact(f"{url}: giving up after {attempt + 1} attempt(s): {last}"))
 
     # --- public -----------------------------------------------------------------------------------------
     def get(self, z: int, x: int, y: int) -> np.ndarray | None:
