@@ -237,3 +237,29 @@ def test_psm_train_does_not_warn_that_it_passes_its_own_arguments(monkeypatch, c
             run_training(["--print_config"])
     assert "compile:" in capsys.readouterr().out
     assert not [w for w in caught if "args parameter" in str(w.message)]
+
+
+def test_lightning_logs_print_once_without_tips():
+    """Lightning's own handler and the root handler of psm's CLI printed every line twice."""
+    import logging
+
+    from psm.training.train import quiet_lightning_logs
+
+    lightning_logger = logging.getLogger("lightning")
+    handler = logging.StreamHandler()
+    lightning_logger.addHandler(handler)  # as ``import lightning`` does when no root handler exists yet
+    before = lightning_logger.propagate
+    try:
+        lightning_logger.propagate = True
+        quiet_lightning_logs()
+        quiet_lightning_logs()  # idempotent: one filter
+        assert lightning_logger.propagate is False and len(handler.filters) == 1
+
+        def record(message: str) -> logging.LogRecord:
+            return logging.LogRecord("lightning.pytorch", logging.INFO, __file__, 1, message, None, None)
+
+        assert not handler.filter(record("💡 Tip: For seamless cloud logging, try installing litlogger"))
+        assert handler.filter(record("GPU available: False, used: False"))
+    finally:
+        lightning_logger.removeHandler(handler)
+        lightning_logger.propagate = before

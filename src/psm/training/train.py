@@ -88,8 +88,31 @@ def trainer_defaults(run_dir: str = "runs/psm") -> dict[str, Any]:
     }
 
 
+def quiet_lightning_logs() -> None:
+    """Print each Lightning log line once, and without its product tips.
+
+    ``import lightning`` gives its umbrella logger a handler of its own that also propagates to the root
+    handler psm's CLI sets up, so every line came out twice ("INFO: ..." and "INFO lightning...: ...").
+    """
+    lightning_logger = logging.getLogger("lightning")
+    if not lightning_logger.handlers:
+        return  # Lightning found a root handler at import and logs through it: once already
+    lightning_logger.propagate = False
+    for handler in lightning_logger.handlers:
+        if not any(isinstance(f, _NoTips) for f in handler.filters):
+            handler.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: try installing ..." advertisements."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().lstrip().startswith("💡 Tip")
+
+
 def run_training(argv: Sequence[str]) -> int:
     """Parse ``argv`` like LightningCLI and fit; returns a process exit code."""
+    quiet_lightning_logs()
     with warnings.catch_warnings():
         # `psm train ...` hands LightningCLI its own argv (sys.argv minus "train"): not the mix-up it warns of.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
