@@ -113,6 +113,24 @@ def test_raster_provider_many_files_and_crs(tmp_path):
             np.testing.assert_array_equal(img, prov.read(la, lo, 48, 10.0))
 
 
+def assert_same_reads(want, hwc, chw) -> set[str]:
+    """Batch reads (HWC and CHW) equal the point reads ``want``, masks included; returns the kinds seen."""
+    kinds = set()
+    for w, h, c in zip(want, hwc, chw, strict=True):
+        assert (w is None) == (h is None) == (c is None)
+        if w is None:
+            kinds.add("none")
+            continue
+        np.testing.assert_array_equal(h[0], w[0])
+        np.testing.assert_array_equal(c[0], w[0].transpose(2, 0, 1))
+        assert (h[1] is None) == (w[1] is None) == (c[1] is None)
+        if w[1] is not None:
+            np.testing.assert_array_equal(h[1], w[1])
+            np.testing.assert_array_equal(c[1], w[1])
+        kinds.add("masked" if w[1] is not None else "full")
+    return kinds
+
+
 def test_raster_batch_reads_equal_point_reads(tmp_path):
     """read_masked_batch (one transform per file, bare reads) gives exactly what read_masked gives per point:
     deep points of two overlapping files (the deeper file wins), edges (masked), nodata, outside, 20 m."""
@@ -140,19 +158,7 @@ def test_raster_batch_reads_equal_point_reads(tmp_path):
             assert len(point_reads) < len(pts) if gsd == 10.0 else len(point_reads) == len(pts)
             one_by_one = [per_point(la, lo, size, gsd) for la, lo in pts]
             planar = prov.read_masked_batch(lats, lons, size, gsd, channels_first=True)
-            kinds = set()
-            for got, chw, want in zip(batch, planar, one_by_one, strict=True):
-                assert (got is None) == (want is None) == (chw is None)
-                if want is None:
-                    kinds.add("none")
-                    continue
-                np.testing.assert_array_equal(got[0], want[0])
-                np.testing.assert_array_equal(chw[0], want[0].transpose(2, 0, 1))
-                assert (got[1] is None) == (want[1] is None)
-                if want[1] is not None:
-                    np.testing.assert_array_equal(got[1], want[1])
-                kinds.add("masked" if want[1] is not None else "full")
-            assert kinds == {"none", "masked", "full"}
+            assert assert_same_reads(one_by_one, batch, planar) == {"none", "masked", "full"}
         # In the overlap the deeper file wins: (row 150, col 420) of a is 80 px from a's edge and column 120
         # of b, 120 px from b's; at col 330 a is deeper (150 px against 30).
         img, _ = prov.read_masked_batch([pts[8][0]], [pts[8][1]], 48, 10.0)[0]
@@ -191,17 +197,7 @@ def test_raster_blocks_read_overlapping_footprints_once(tmp_path, monkeypatch):
         assert len(reads) < len(pts) // 4 and max(len(b.members) for b in blocks) > 4
         hwc = prov.read_masked_batch(lats, lons, 48, 10.0)
         chw = prov.read_masked_batch(lats, lons, 48, 10.0, channels_first=True)
-    kinds = set()
-    for w, h, c in zip(want, hwc, chw, strict=True):
-        assert (w is None) == (h is None) == (c is None)
-        if w is None:
-            kinds.add("none")
-            continue
-        np.testing.assert_array_equal(h[0], w[0])
-        np.testing.assert_array_equal(c[0], w[0].transpose(2, 0, 1))
-        assert (h[1] is None) == (w[1] is None)
-        kinds.add("full" if w[1] is None else "masked")
-    assert kinds == {"none", "full", "masked"}
+    assert assert_same_reads(want, hwc, chw) == {"none", "full", "masked"}
 
 
 def test_raster_batch_reads_of_scaled_uint16_bands(tmp_path):
