@@ -114,7 +114,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from psm.demo import run_demo
 
-    return run_demo(seed=args.seed, out=args.out, size=args.size, steps=args.steps)
+    return run_demo(seed=args.seed, out=args.out, size=args.size, steps=args.steps, minutes=args.minutes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,9 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main job end to end on the embedded offline default")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="outputs/demo", help="where every step writes (reused: the world is kept)")
-    p.add_argument("--size", default="tiny", choices=("tiny", "demo"), help="offline world size")
-    p.add_argument("--steps", type=int, default=120, help="training steps")
+    p.add_argument(
+        "--out", help="where every step writes (default outputs/demo, outputs/demo-tiny); a rerun keeps the world"
+    )
+    p.add_argument(
+        "--size",
+        default="demo",
+        choices=("demo", "tiny"),
+        help="offline world: demo (3,000 clips, ~12 minutes in all on 2 CPU cores) or tiny (200 clips, ~1 minute, "
+        "too small to learn much)",
+    )
+    p.add_argument("--steps", type=int, help="training steps (default: demo 1000, tiny 120)")
+    p.add_argument("--minutes", type=float, help="training time limit (default: demo 8, tiny none)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("models", help="list the shipped model architectures")
