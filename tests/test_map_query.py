@@ -13,14 +13,18 @@ import torch
 
 from psm.evaluation.retrieval import cosine_scores, csd_scores
 from psm.maps.query import (
+    PROMPT_TEMPLATES,
     ConditionedEmbeddings,
     MapIndex,
     MapQueryError,
     MetadataSetting,
+    QueryEmbedding,
     ScaleSpec,
+    combine_queries,
     condition,
     embed_audio_query,
     embed_text_query,
+    expand_templates,
     query_map,
     read_scale_file,
     resolve_scale,
@@ -432,6 +436,39 @@ def test_uncertainty_matches_sigma_l1(env, tmp_path):
         assert o.png.is_file()
 
 
+def test_combine_queries_is_the_mixtures_moment_matched_gaussian():
+    e1, e2 = np.eye(3, dtype=np.float32)[:2]
+    a = QueryEmbedding(mean=e1, logvar=np.log(np.full(3, 0.1, np.float32)), kind="text", label="a")
+    b = QueryEmbedding(mean=e2, logvar=np.log(np.full(3, 0.3, np.float32)), kind="text", label="b")
+    ab = combine_queries([a, b])
+    np.testing.assert_allclose(ab.mean, [2**-0.5, 2**-0.5, 0.0], rtol=1e-6)  # the mean direction, unit length
+    # mean σ² (0.2) plus the spread of the means about their centre (0.5, 0.5, 0) → 0.25 in the first two dims
+    np.testing.assert_allclose(np.exp(ab.logvar), [0.45, 0.45, 0.2], rtol=1e-6)
+    assert ab.label == "a | b" and ab.kind == "text"
+    assert combine_queries([a]) is a  # one query is itself: single-text maps are unchanged
+    with pytest.raises(MapQueryError, match="cancel out"):
+        combine_queries([a, QueryEmbedding(mean=-e1, logvar=a.logvar, kind="text", label="-a")])
+    with pytest.raises(MapQueryError, match="one kind"):
+        combine_queries([a, QueryEmbedding(mean=e2, logvar=None, kind="text", label="c")])
+
+
+def test_expand_templates_and_text_ensembles(env):
+    assert expand_templates(["owl", "owl"], ("{}", "the sound of {}")) == ["owl", "the sound of owl"]
+    with pytest.raises(MapQueryError, match=r"needs \{\}"):
+        expand_templates("owl", ("the sound of it",))
+    with pytest.raises(MapQueryError, match="empty"):
+        expand_templates(["owl", " "])
+    model, tok = env["model"], env["tok"]
+    texts = ["birds chirping", "dawn chorus"]
+    ensemble = embed_text_query(model, tok, texts, templates=PROMPT_TEMPLATES)
+    one_by_one = [embed_text_query(model, tok, p) for p in expand_templates(texts, PROMPT_TEMPLATES)]
+    expected = combine_queries(one_by_one)
+    np.testing.assert_allclose(ensemble.mean, expected.mean, atol=1e-5)
+    np.testing.assert_allclose(ensemble.logvar, expected.logvar, atol=1e-4)
+    assert ensemble.label == "birds chirping | dawn chorus (×5 prompts)"
+    assert not np.allclose(ensemble.mean, one_by_one[0].mean, atol=1e-3)
+
+
 def test_cli_query_top_and_errors(env, tmp_path, capsys):
     import rasterio
 
@@ -465,6 +502,14 @@ def test_cli_query_top_and_errors(env, tmp_path, capsys):
     assert "hour out of range" in capsys.readouterr().err
     assert main(["query", *common, "--text", "x", "--basemap", "tiles.png", "--out", str(tmp_path / "e")]) == 2
     assert "XYZ URL template" in capsys.readouterr().err
+    assert main(["query", *common, "--audio", "a.wav", "--prompt-ensemble", "--out", str(tmp_path / "e")]) == 2
+    assert "go with --text" in capsys.readouterr().err
+    # Several phrasings in prompt templates: one map, the ensemble named in its legend and tags.
+    rc = main(["query", *common, "--text", "birds chirping", "--text", "dawn chorus", "--prompt-ensemble",
+               "--template", "a field recording of {}", "--zoom", "1", "--out", str(tmp_path / "ens")])  # fmt: skip
+    assert rc == 0
+    with rasterio.open(tmp_path / "ens.tif") as ds:
+        assert "birds chirping | dawn chorus (×6 prompts)" in json.dumps(ds.tags(), ensure_ascii=False)
     assert not (tmp_path / "e.tif").exists()
 
 

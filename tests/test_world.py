@@ -577,8 +577,17 @@ def test_map_agreement_with_the_truth(tiny, tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "Uncertainty: Spearman ρ of ‖σ‖₁" in table
     assert table.startswith("| event | query | ρ 06 h | ρ 14 h | AUC 06 h | AUC 14 h |")
-    assert f'| dawn_chorus | "{EVENTS[EVENT_NAMES.index("dawn_chorus")].words[0]}" |' in table
+    word = EVENTS[EVENT_NAMES.index("dawn_chorus")].words[0]
+    assert f'| dawn_chorus | "{word} (×5 prompts)" |' in table  # the word in the prompt templates
     assert all(f"| {e} |" in table for e in events)
+    assert psm(["map", "agreement", "--index", str(index), "--checkpoint", str(ckpt), "--world", str(tiny),
+                "--month", "5", "--hours", "6", "--events", "dawn_chorus", "--single-word",
+                "--out", str(tmp_path / "single")]) == 0  # fmt: skip
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert (
+        single["queries"] == {"dawn_chorus": word}
+        and single["rho"]["dawn_chorus"]["6"] != result["rho"]["dawn_chorus"]["6"]
+    )
     assert psm(["map", "agreement", "--index", str(index), "--checkpoint", str(ckpt), "--world", str(tiny),
                 "--month", "5", "--hours", "6", "--events", "unicorn"]) == 2  # fmt: skip
 

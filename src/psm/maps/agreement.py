@@ -28,16 +28,29 @@ from typing import Any
 
 import numpy as np
 
-from psm.maps.query import MapIndex, MapQueryError, MetadataSetting, condition, embed_text_query, score
+from psm.maps.query import (
+    PROMPT_TEMPLATES,
+    MapIndex,
+    MapQueryError,
+    MetadataSetting,
+    condition,
+    embed_text_query,
+    score,
+)
 
 
-def event_query_text(event: str) -> str:
-    """The text query for an event: its most specific caption word (one source: the world's event rules)."""
+def event_words(event: str) -> tuple[str, ...]:
+    """An event's caption words, most specific first (one source: the world's event rules)."""
     from psm.data.world.rules import EVENT_INDEX, EVENTS
 
     if event not in EVENT_INDEX:
         raise MapQueryError(f"unknown event {event!r}; known: {', '.join(EVENT_INDEX)}")
-    return EVENTS[EVENT_INDEX[event]].words[0]
+    return EVENTS[EVENT_INDEX[event]].words
+
+
+def event_query_text(event: str) -> str:
+    """The single-word text query for an event: its most specific caption word."""
+    return event_words(event)[0]
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -81,6 +94,7 @@ class AgreementResult:
     hot_truth: dict[str, dict[int, float]] = field(default_factory=dict)  # same points, mean truth probability
     # hour → {"expected_events": ρ, "event_entropy": ρ} of ‖σ‖₁ against the truth; empty for InfoNCE models
     sigma_rho: dict[int, dict[str, float]] = field(default_factory=dict)
+    queries: dict[str, str] = field(default_factory=dict)  # event → the text query's label
 
     def mean_rho(self) -> float:
         """Mean ρ over every (event, hour) with a defined ρ."""
@@ -103,7 +117,7 @@ class AgreementResult:
         head += [f"score {h:02d} h" for h in hours] + [f"truth {h:02d} h" for h in hours]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for event, per in self.rho.items():
-            cells = [event, f'"{event_query_text(event)}"'] + [_fmt(per[h]) for h in hours]
+            cells = [event, f'"{self.queries.get(event, event_query_text(event))}"'] + [_fmt(per[h]) for h in hours]
             cells += [_fmt(self.hot_auc[event][h]) for h in hours]
             cells += [_fmt(self.hot_score[event][h], 2) for h in hours]
             cells += [_fmt(self.hot_truth[event][h], 3) for h in hours]
@@ -166,18 +180,27 @@ def truth_agreement(
     audio_source: str | None = None,
     cache_dir: Any = None,
     device: Any = None,
+    prompt_ensemble: bool = True,
 ) -> AgreementResult:
     """Score each event's text query over ``index`` at ``month`` and each hour; compare with ``world``'s truth.
 
     ``world`` is a :class:`psm.data.world.World`; ``audio_source`` (a platform) conditions both the map and
-    the truth. Metadata the model does not use is left out of the map's setting.
+    the truth. Metadata the model does not use is left out of the map's setting. An event's query is its most
+    specific caption word in :data:`~psm.maps.query.PROMPT_TEMPLATES` (``prompt_ensemble``), or that word alone.
+    (Its other words made the maps worse: they are shared with other events, e.g. "birds".)
     """
     spec = model.config.metadata
     events = list(events if events is not None else world.events)
     points = index.points
     lat, lon = points["latitude"].to_numpy(), points["longitude"].to_numpy()
     result = AgreementResult(month=int(month), hours=[int(h) for h in hours], zoom=int(zoom), num_points=0)
-    queries = {e: embed_text_query(model, tokenizer, event_query_text(e)) for e in events}
+    if prompt_ensemble:
+        queries = {
+            e: embed_text_query(model, tokenizer, event_query_text(e), templates=PROMPT_TEMPLATES) for e in events
+        }
+    else:
+        queries = {e: embed_text_query(model, tokenizer, event_query_text(e)) for e in events}
+    result.queries = {e: q.label for e, q in queries.items()}
     scores: dict[int, dict[str, np.ndarray]] = {}
     truths: dict[int, np.ndarray] = {}
     sigmas: dict[int, np.ndarray] = {}

@@ -24,8 +24,26 @@ def _common(p: argparse.ArgumentParser, *, query: bool = True, metadata: bool = 
     p.add_argument("--checkpoint", required=True, help="psm checkpoint folder (the model that built the index)")
     if query:
         q = p.add_mutually_exclusive_group(required=True)
-        q.add_argument("--text", help="text query, e.g. 'birds chirping in a forest'")
-        q.add_argument("--audio", help="audio file query (decoded to 48 kHz, deterministic CLAP chunks)")
+        q.add_argument(
+            "--text",
+            action="append",
+            help="text query, e.g. 'birds chirping in a forest'; repeat it for one map of several phrasings",
+        )
+        q.add_argument(
+            "--audio",
+            action="append",
+            help="audio file query (decoded to 48 kHz, deterministic CLAP chunks); repeat it for several clips",
+        )
+        p.add_argument(
+            "--template",
+            action="append",
+            help="prompt template with {} for the text, e.g. 'the sound of {}' (repeatable; each text in each)",
+        )
+        p.add_argument(
+            "--prompt-ensemble",
+            action="store_true",
+            help="the text in psm's five prompt templates ('{}', 'the sound of {}', ...): steadier maps",
+        )
         p.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
     if metadata:
         m = p.add_argument_group("metadata (left out = masked in the fusion)")
@@ -136,6 +154,11 @@ def add_query_parsers(map_subparsers: Any) -> None:
     p.add_argument("--zoom", type=int, help="zoom level (default: the index's first)")
     p.add_argument("--audio-source", help="platform for the maps and the truth (default: left out / any)")
     p.add_argument("--events", nargs="+", help="event classes (default: all of the world's)")
+    p.add_argument(
+        "--single-word",
+        action="store_true",
+        help="query each event by its first caption word alone (default: its words in the prompt templates)",
+    )
     p.add_argument("--out", help="write OUT.json and OUT.md")
     p.set_defaults(func=_cmd_agreement)
 
@@ -165,11 +188,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _query(args: argparse.Namespace, model: Any) -> Any:
-    from psm.maps.query import embed_audio_query, embed_text_query
+    from psm.maps.query import PROMPT_TEMPLATES, embed_audio_query, embed_text_query
 
+    templates = [*(PROMPT_TEMPLATES if args.prompt_ensemble else ()), *(args.template or ())]
     if args.audio is not None:
+        if templates:
+            raise _UsageError("--template and --prompt-ensemble go with --text")
         return embed_audio_query(model, args.audio)
-    return embed_text_query(model, _tokenizer(args), args.text)
+    return embed_text_query(model, _tokenizer(args), args.text, templates=list(dict.fromkeys(templates)) or ("{}",))
 
 
 def _tokenizer(args: argparse.Namespace) -> Any:
@@ -408,6 +434,7 @@ def _do_agreement(args: argparse.Namespace) -> int:
         audio_source=args.audio_source,
         cache_dir=args.cache_dir,
         device=_device(args.device),
+        prompt_ensemble=not args.single_word,
     )
     table = result.markdown()
     print(table)
