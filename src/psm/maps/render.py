@@ -521,6 +521,8 @@ function readout(px, py) {
 }
 let drag = null;
 box.addEventListener("pointerdown", e => {
+  // Not on the zoom buttons: capturing the pointer there would retarget their click to the map.
+  if (e.target.closest("#ctl")) return;
   drag = [e.clientX, e.clientY]; box.classList.add("drag"); box.setPointerCapture(e.pointerId);
 });
 box.addEventListener("pointerup", e => { drag = null; box.classList.remove("drag"); });
