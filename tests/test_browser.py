@@ -106,6 +106,13 @@ def test_map_page_draws_reads_values_and_zooms_offline(tmp_path):
         assert page.evaluate("view.res") == pytest.approx(res / 2)
         page.click("#zfit")
         assert page.evaluate("view.res") == pytest.approx(res)
+        # Dragging pans by the distance moved: 100 px east moves the view's centre 100 px of ground west.
+        cx, cy = page.evaluate("[view.cx, view.cy]")
+        page.mouse.move(box["x"] + 200, box["y"] + 300)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 300, box["y"] + 340, steps=5)
+        page.mouse.up()
+        assert page.evaluate("[view.cx, view.cy]") == pytest.approx([cx - 100 * res, cy + 40 * res])
         assert page.errors == []
         assert all(url.startswith(("file:", "data:")) for url in page.requests), page.requests  # offline
 
