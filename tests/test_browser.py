@@ -143,3 +143,22 @@ def test_report_page_shows_every_map_and_links_to_its_viewer(tmp_path):
         page.wait_for_function("typeof img !== 'undefined' && img.complete && img.naturalWidth > 0")
         assert page.url.endswith("maps/m1.html")
         assert page.errors == []
+
+
+def test_map_page_draws_basemap_tiles_from_a_tile_server(tmp_path):
+    """With --basemap, the viewer fetches XYZ tiles from the server and draws them under the map (a local
+    tile server without CORS headers, as many are)."""
+    from tile_server import TileServer
+
+    grid = GRIDS["EPSG:32633"]
+    raster = np.full((grid.height, grid.width), 0.5, np.float32)
+    with TileServer() as server:
+        path = write_html(
+            raster, tmp_path / "m.html", grid=grid, legend=legend(), vmin=0, vmax=1, basemap=server.url_template
+        )
+        with browser_page() as page:
+            page.goto(path.as_uri())
+            page.wait_for_function("[...tiles.values()].some(t => t.complete && t.naturalWidth > 0)", timeout=10_000)
+            loaded = page.evaluate("[...tiles.values()].filter(t => t.complete && t.naturalWidth > 0).length")
+            assert loaded == page.evaluate("tiles.size") > 0 and server.total_requests >= loaded
+            assert page.errors == []

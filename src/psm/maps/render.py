@@ -466,7 +466,9 @@ function drawTiles() {
     const x = ((i % n) + n) % n, key = z + "/" + x + "/" + j;
     let t = tiles.get(key);
     if (!t) {
-      t = new Image(); t.crossOrigin = "anonymous"; t.onload = draw; t.src = tileUrl(z, x, j); tiles.set(key, t);
+      // No crossOrigin: a CORS request fails on the many tile servers that send no CORS headers, and the
+      // canvas is never read back, so a tainted canvas costs nothing.
+      t = new Image(); t.onload = draw; t.src = tileUrl(z, x, j); tiles.set(key, t);
     }
     if (t.complete && t.naturalWidth) {
       const [sx, sy] = toScreen(i * size - HALF, HALF - j * size);
