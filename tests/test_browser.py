@@ -113,6 +113,15 @@ def test_map_page_draws_reads_values_and_zooms_offline(tmp_path):
         page.mouse.move(box["x"] + 300, box["y"] + 340, steps=5)
         page.mouse.up()
         assert page.evaluate("[view.cx, view.cy]") == pytest.approx([cx - 100 * res, cy + 40 * res])
+        # The wheel zooms about the pointer; the opacity slider reaches the drawing; the canvas follows the window.
+        page.mouse.move(box["x"] + 300, box["y"] + 300)
+        page.mouse.wheel(0, -400)
+        page.wait_for_function(f"view.res < {res * 0.9}")
+        page.eval_on_selector("#opacity", "e => { e.value = 20; e.dispatchEvent(new Event('input')); }")
+        assert page.evaluate("opacity") == pytest.approx(0.2)
+        page.set_viewport_size({"width": 900, "height": 600})
+        page.wait_for_function("cv.width === Math.round(box.clientWidth * (window.devicePixelRatio || 1))")
+        assert page.evaluate("W") == page.evaluate("box.clientWidth") < box["width"]
         assert page.errors == []
         assert all(url.startswith(("file:", "data:")) for url in page.requests), page.requests  # offline
 
