@@ -50,7 +50,9 @@ class ExportCheckpoints(Callback):
     def on_train_end(self, trainer: L.Trainer, module: PSMTrainingModule) -> None:
         run_dir = Path(trainer.default_root_dir)
         # The final step may fall after the last validation: keep last.ckpt at the true final step.
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        # The whole training state (optimizer, loops, callbacks): what --resume needs. Saying so also keeps
+        # Lightning from logging that it chose it.
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
         if not trainer.is_global_zero:
             return
         export_weights(module, None, run_dir / "export" / "last", run_dir)
