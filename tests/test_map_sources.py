@@ -197,6 +197,7 @@ def test_raster_blocks_read_overlapping_footprints_once(tmp_path, monkeypatch):
         assert len(reads) < len(pts) // 4 and max(len(b.members) for b in blocks) > 4
         hwc = prov.read_masked_batch(lats, lons, 48, 10.0)
         chw = prov.read_masked_batch(lats, lons, 48, 10.0, channels_first=True)
+        assert prov.read_blocks([], [], 48, 10.0) == [] and prov.read_masked_batch([], [], 48, 10.0) == []
     assert assert_same_reads(want, hwc, chw) == {"none", "full", "masked"}
 
 

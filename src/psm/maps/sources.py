@@ -413,19 +413,19 @@ class RasterProvider(ImageryProvider):
         pts = np.arange(n)
         col0 = np.floor(col[best_file, pts]).astype(np.int64) - size_px // 2
         row0 = np.floor(row[best_file, pts]).astype(np.int64) - size_px // 2
-        heights = np.array([h for h, _ in self._shapes])[best_file]
-        widths = np.array([w for _, w in self._shapes])[best_file]
-        fast = (
-            (  # (a point in no file has depth −inf, never ≥ half the footprint)
-                (depth[best_file, pts] >= 0.5 * size_px * gsd_m)
-                & np.array([self._fast[i] and math.isclose(gsd_m, self._res_m[i], rel_tol=1e-6) for i in best_file])
-                & (col0 >= 0)
-                & (row0 >= 0)
-                & (col0 + size_px <= widths)
-                & (row0 + size_px <= heights)
-            )
-            if n
-            else np.zeros(0, dtype=bool)
+        heights = np.array([h for h, _ in self._shapes], dtype=np.int64)[best_file]
+        widths = np.array([w for _, w in self._shapes], dtype=np.int64)[best_file]
+        # Files read directly at this GSD: no nodata or mask, projected, native resolution.
+        native = np.array(
+            [f and math.isclose(gsd_m, r, rel_tol=1e-6) for f, r in zip(self._fast, self._res_m, strict=True)]
+        )
+        fast = (  # (a point in no file has depth −inf, never ≥ half the footprint)
+            (depth[best_file, pts] >= 0.5 * size_px * gsd_m)
+            & native[best_file]
+            & (col0 >= 0)
+            & (row0 >= 0)
+            & (col0 + size_px <= widths)
+            & (row0 + size_px <= heights)
         )
         blocks: list[FootprintBlock] = []
         slow = list(np.nonzero(~fast)[0])
@@ -448,9 +448,8 @@ class RasterProvider(ImageryProvider):
                 placed = tuple((int(k), int(row0[k]) - r_lo, int(col0[k]) - c_lo) for k in ks)
                 blocks.append(FootprintBlock(image, None, placed))
         for k in sorted(slow):
-            if (
-                block := FootprintBlock.of_point(int(k), self.read_masked(lats[k], lons[k], size_px, gsd_m))
-            ) is not None:
+            block = FootprintBlock.of_point(int(k), self.read_masked(lats[k], lons[k], size_px, gsd_m))
+            if block is not None:
                 blocks.append(block)
         return blocks
 
