@@ -19,6 +19,14 @@ def test_demo_runs_end_to_end(tmp_path):
     for name in ("birds_h06", "birds_h14", "traffic_h06", "waves_h14", "audio_query"):
         for suffix in (".tif", ".png", ".html"):
             assert (out / "maps" / f"{name}{suffix}").is_file(), name + suffix
+    # A query's two hours share one colour scale (so the hour effect shows), and animate.
+    import rasterio
+
+    scales = []
+    for hour in ("06", "14"):
+        with rasterio.open(out / "maps" / f"birds_h{hour}.tif") as ds:
+            scales.append(json.loads(ds.tags()["PSM_SCALE"]))
+    assert scales[0] == scales[1] and scales[0]["shared"] and (out / "maps" / "birds.gif").is_file()
     report = (out / "report.html").read_text()
     assert "Maps against the world" in report and "Mean ρ" in report and "birds_h06" in report
 
