@@ -39,18 +39,13 @@ from psm.maps.query import (
 )
 
 
-def event_words(event: str) -> tuple[str, ...]:
-    """An event's caption words, most specific first (one source: the world's event rules)."""
+def event_query_text(event: str) -> str:
+    """The text query for an event: its most specific caption word (one source: the world's event rules)."""
     from psm.data.world.rules import EVENT_INDEX, EVENTS
 
     if event not in EVENT_INDEX:
         raise MapQueryError(f"unknown event {event!r}; known: {', '.join(EVENT_INDEX)}")
-    return EVENTS[EVENT_INDEX[event]].words
-
-
-def event_query_text(event: str) -> str:
-    """The single-word text query for an event: its most specific caption word."""
-    return event_words(event)[0]
+    return EVENTS[EVENT_INDEX[event]].words[0]
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

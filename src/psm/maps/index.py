@@ -194,7 +194,8 @@ class TileDecoder:
         """The zooms whose central crop of a ``raw`` px footprint has at least ``min_valid`` valid pixels."""
         if mask is None:
             return list(zooms)
-        return [z for z in zooms if float(mask[self._central(raw, z), self._central(raw, z)].mean()) >= self.min_valid]
+        boxes = {z: self._central(raw, z) for z in zooms}
+        return [z for z, box in boxes.items() if float(mask[box, box].mean()) >= self.min_valid]
 
     def _read(self, lats: np.ndarray, lons: np.ndarray, zooms: Sequence[int]):
         """Yield (i, raw uint8 HWC footprint, zooms valid there) for every point with a usable read."""
@@ -257,12 +258,12 @@ class TileDecoder:
             host = torch.empty(sum(blocks[b].image.size for b in used), dtype=torch.uint8, pin_memory=cuda)
             flat, spans, offset = host.numpy(), {}, 0
             for b in used:
-                shape, size = blocks[b].image.shape, blocks[b].image.size
-                flat[offset : offset + size].reshape(shape)[...] = blocks[b].image
-                spans[b] = (offset, shape)
-                offset += size
+                image = blocks[b].image
+                flat[offset : offset + image.size].reshape(image.shape)[...] = image
+                spans[b] = slice(offset, offset + image.size)
+                offset += image.size
             on_dev = host.to(dev, non_blocking=True)
-            views = {b: on_dev[o : o + int(np.prod(shape))].view(shape) for b, (o, shape) in spans.items()}
+            views = {b: on_dev[span].view(blocks[b].image.shape) for b, span in spans.items()}
             crops = []
             for _, b, j, _ in entries:
                 _, r, c = blocks[b].members[j]
