@@ -213,6 +213,9 @@ def test_clap_towers_load_from_a_local_folder(tmp_path, tiny_model):
     ):
         for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
             assert torch.equal(a, b), name
+    # transformers' from_pretrained returns a model in eval mode, and Lightning (>= 2.2) keeps each module's
+    # mode: a loaded tower would then train with its dropout off and its BatchNorms frozen.
+    assert model.training and all(m.training for m in model.modules())
 
 
 def test_is_longer_is_forced_by_default_and_per_clip_on_request():

@@ -24,7 +24,9 @@ from psm.models.config import ClapTowerConfig
 
 def _build(model_cls, config_cls, cfg: ClapTowerConfig, projection_dim: int) -> nn.Module:
     if cfg.pretrained:
-        model = model_cls.from_pretrained(cfg.pretrained)
+        # from_pretrained returns the model in eval mode; a new module trains, and Lightning keeps modes as
+        # it finds them, so a loaded tower would fine-tune with dropout off and frozen BatchNorm statistics.
+        model = model_cls.from_pretrained(cfg.pretrained).train()
     else:
         hf: dict[str, Any] = {"projection_dim": projection_dim, **cfg.hf_config}
         model = model_cls(config_cls(**hf))
