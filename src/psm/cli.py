@@ -117,6 +117,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seed=args.seed, out=args.out, size=args.size, steps=args.steps, minutes=args.minutes)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from psm.maps.query import MapQueryError
+    from psm.maps.query_command import _device
+    from psm.models.checkpoint import CheckpointError
+    from psm.serving.server import MapService, serve
+
+    if args.basemap is not None and not all(k in args.basemap for k in ("{z}", "{x}", "{y}")):
+        print("psm serve: error: --basemap must be an XYZ URL template with {z}, {x}, {y}", file=sys.stderr)
+        return 2
+    try:
+        service = MapService(
+            args.index,
+            args.checkpoint,
+            tokenizer=args.tokenizer,
+            device=_device(args.device),
+            cache_dir=args.cache_dir,
+            basemap=args.basemap,
+            allow_incomplete=args.allow_incomplete,
+        )
+    except (MapQueryError, CheckpointError, FileNotFoundError) as e:
+        print(f"psm serve: error: {e}", file=sys.stderr)
+        return 2
+    info = service.info()
+    note = f"{info['model']}: {info['num_points']:,} places, zoom levels {info['zoom_levels']}"
+    serve(service, args.host, args.port, announce=[note])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``psm``."""
     parser = argparse.ArgumentParser(prog="psm", description="Probabilistic soundscape mapping (PSM) toolkit.")
@@ -174,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     map_sub = maps.add_subparsers(dest="map_command", required=True)
     map_index_command.add_index_parser(map_sub)
     map_query_command.add_query_parsers(map_sub)
+
+    p = sub.add_parser(
+        "serve",
+        help="answer map queries over HTTP: a query page for the browser, maps (HTML/PNG/COG) and top places",
+        description="Load a map index and its model once and serve queries: / is a page to type a text query "
+        "(or upload a clip) and see the map; /map.html|png|tif and /api/top answer scripts (see README).",
+    )
+    p.add_argument("--index", required=True, help="index folder written by `psm map index`")
+    p.add_argument("--checkpoint", required=True, help="psm checkpoint folder (the model that built the index)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--cache-dir", help="conditioned-embedding cache (default INDEX/conditioned)")
+    p.add_argument("--basemap", help="XYZ tile URL template under the maps (the browser fetches it)")
+    p.add_argument("--allow-incomplete", action="store_true", help="serve an unfinished index (missing = nodata)")
+    p.set_defaults(func=_cmd_serve)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("validate", help="check a manifest: schema, value ranges, every file exists and decodes")

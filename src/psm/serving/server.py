@@ -1,0 +1,375 @@
+"""``psm serve``: one map index and one model behind a small HTTP server, for a browser or a script.
+
+The model, the index and the tokenizer are loaded once; each request is one text or audio query with one
+metadata setting, answered with the same files ``psm map query`` writes (HTML viewer, PNG, COG) or with the
+top places as JSON. Conditioned embeddings are cached per metadata setting on disk (as for the CLI), so a
+new month or hour costs one fusion pass and every later query with it one matrix–vector product.
+
+Standard library only (``http.server``): the server binds to 127.0.0.1 by default and is meant for one
+researcher or a small team behind their own proxy, not for the open internet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger(__name__)
+
+MAX_AUDIO_BYTES = 64 * 1024 * 1024  # a 10-minute 48 kHz stereo WAV is ~110 MB; CLAP reads 10 s of it anyway
+MAX_TEXTS = 32
+MAX_TOP_K = 10_000
+MAP_FORMATS = {"html": "text/html; charset=utf-8", "png": "image/png", "tif": "image/tiff"}
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aac")
+
+
+class RequestError(ValueError):
+    """A problem with a request's parameters or body: answered with HTTP 400 and the message."""
+
+
+@dataclass
+class QueryRequest:
+    """One request's query, metadata setting and map options, parsed and range-checked."""
+
+    texts: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    setting: Any = None  # psm.maps.query.MetadataSetting
+    zoom: int | None = None
+    scale: str = "raw"
+    cmap: str = "viridis"
+    width: int = 1000
+    title: str | None = None
+    k: int = 20
+
+
+def _one(params: Mapping[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise RequestError(f"parameter {name!r} given {len(values)} times; it takes one value")
+    value = values[0].strip()
+    return value or None
+
+
+def _number(params: Mapping[str, list[str]], name: str, kind: type = float) -> Any:
+    value = _one(params, name)
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise RequestError(f"parameter {name!r} must be a number, got {value!r}") from None
+
+
+def _flag(params: Mapping[str, list[str]], name: str) -> bool | None:
+    value = _one(params, name)
+    if value is None:
+        return None
+    if value.lower() in ("1", "true", "on", "yes"):
+        return True
+    if value.lower() in ("0", "false", "off", "no"):
+        return False
+    raise RequestError(f"parameter {name!r} must be true or false, got {value!r}")
+
+
+def parse_query_request(params: Mapping[str, list[str]]) -> QueryRequest:
+    """Read a request's parameters (``text`` repeatable, ``template`` repeatable, ``prompt_ensemble``,
+    ``month``, ``hour``, ``audio_source``, ``caption_source``, ``location``, ``zoom``, ``scale``, ``cmap``,
+    ``width``, ``title``, ``k``); unknown names are refused so a typo is not silently ignored."""
+    from psm.maps.query import PROMPT_TEMPLATES, MetadataSetting, ScaleSpec
+
+    known = {
+        "text", "template", "prompt_ensemble", "month", "hour", "audio_source", "caption_source", "location",
+        "zoom", "scale", "cmap", "width", "title", "k", "filename",
+    }  # fmt: skip
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise RequestError(f"unknown parameters {unknown}; known: {sorted(known)}")
+    texts = [t.strip() for t in params.get("text", []) if t.strip()]
+    if len(texts) > MAX_TEXTS:
+        raise RequestError(f"at most {MAX_TEXTS} texts per query, got {len(texts)}")
+    templates = [*(PROMPT_TEMPLATES if _flag(params, "prompt_ensemble") else ()), *params.get("template", [])]
+    req = QueryRequest(
+        texts=texts,
+        templates=list(dict.fromkeys(templates)),
+        setting=MetadataSetting(
+            month=_number(params, "month"),
+            hour=_number(params, "hour"),
+            audio_source=_one(params, "audio_source"),
+            caption_source=_one(params, "caption_source"),
+            location=_flag(params, "location"),
+        ),
+        zoom=_number(params, "zoom", int),
+        scale=_one(params, "scale") or "raw",
+        cmap=_one(params, "cmap") or "viridis",
+        title=_one(params, "title"),
+    )
+    for name in ("width", "k"):  # (0 is a value to refuse, not "left out")
+        value = _number(params, name, int)
+        if value is not None:
+            setattr(req, name, value)
+    try:
+        spec = ScaleSpec.parse(req.scale)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    if spec.mode == "shared":  # a shared scale is a file on the server: not something a request may name
+        raise RequestError("scale 'shared' is not available here: use raw or percentile[:LO,HI]")
+    if not 200 <= req.width <= 4000:
+        raise RequestError(f"width must be 200..4000 pixels, got {req.width}")
+    if not 1 <= req.k <= MAX_TOP_K:
+        raise RequestError(f"k must be 1..{MAX_TOP_K}, got {req.k}")
+    try:
+        import matplotlib
+
+        matplotlib.colormaps[req.cmap]
+    except KeyError:
+        raise RequestError(f"unknown colormap {req.cmap!r}") from None
+    return req
+
+
+class MapService:
+    """The loaded model, index and tokenizer, and the queries a server answers with them (thread-safe)."""
+
+    def __init__(
+        self,
+        index: str | Path,
+        checkpoint: str | Path,
+        *,
+        tokenizer: str | Path | None = None,
+        device: str = "cpu",
+        cache_dir: str | Path | None = None,
+        basemap: str | None = None,
+        allow_incomplete: bool = False,
+    ) -> None:
+        from psm.data.text import load_tokenizer
+        from psm.maps.query import MapIndex, check_model_matches_index
+        from psm.models.checkpoint import load_checkpoint
+
+        self.index = MapIndex(index)
+        self.model, _ = load_checkpoint(checkpoint, device=device)
+        self.model.eval()
+        check_model_matches_index(self.model, self.index)  # refuse at start, not at the first request
+        folder = Path(tokenizer) if tokenizer else Path(checkpoint) / "tokenizer"
+        self.tokenizer = load_tokenizer(folder) if folder.is_dir() else None
+        self.cache_dir = cache_dir
+        self.basemap = basemap
+        self.allow_incomplete = allow_incomplete
+        # One query at a time: torch already uses every core for one, and the conditioned-embedding cache
+        # of a new setting is then computed once, not by two requests racing for it.
+        self._lock = threading.Lock()
+
+    def info(self) -> dict[str, Any]:
+        """What a client needs to build a query: metadata the model uses and their vocabularies, zooms, area."""
+        spec = self.model.config.metadata
+        grid = self.index.grid
+        return {
+            "model": str(self.index.model_name(self.model)),
+            "probabilistic": bool(self.model.config.probabilistic),
+            "text_queries": self.model.text is not None and self.tokenizer is not None,
+            "metadata_types": list(spec.types),
+            "audio_sources": list(spec.audio_sources),
+            "caption_sources": list(spec.caption_sources),
+            "zoom_levels": [int(z) for z in self.index.zooms],
+            "num_points": int(self.index.num_points),
+            "bounds_wgs84": list(grid.bounds_wgs84()),
+        }
+
+    def _query(self, req: QueryRequest, audio: bytes | None, filename: str | None) -> Any:
+        from psm.data.audio import AudioDecodeError
+        from psm.maps.query import MapQueryError, embed_audio_query, embed_text_query
+
+        if audio is not None:
+            if req.texts or req.templates:
+                raise RequestError("give either text or an audio body, not both")
+            suffix = Path(filename or "query.wav").suffix.lower()
+            if suffix not in AUDIO_SUFFIXES:
+                raise RequestError(f"audio file name must end in one of {', '.join(AUDIO_SUFFIXES)}, got {filename!r}")
+            name = Path(filename).name if filename else f"query{suffix}"
+            with tempfile.TemporaryDirectory(prefix="psm-serve-") as tmp:
+                path = Path(tmp) / f"query{suffix}"
+                path.write_bytes(audio)
+                try:
+                    q = embed_audio_query(self.model, path)
+                except AudioDecodeError as e:  # name the client's file, not the server's temporary path
+                    raise AudioDecodeError(str(e).replace(str(path), name)) from None
+            return replace(q, label=name)
+        if not req.texts:
+            raise RequestError("a query needs text=... or an audio file in the request body")
+        if self.tokenizer is None:
+            raise MapQueryError("this checkpoint has no tokenizer folder: start psm serve with --tokenizer")
+        return embed_text_query(self.model, self.tokenizer, req.texts, templates=req.templates or ("{}",))
+
+    def render(self, req: QueryRequest, fmt: str, audio: bytes | None = None, filename: str | None = None) -> bytes:
+        """One map as ``html``, ``png`` or ``tif`` bytes: the files ``psm map query`` would write."""
+        from psm.maps.query import ScaleSpec, query_map
+
+        with self._lock, tempfile.TemporaryDirectory(prefix="psm-serve-") as tmp:
+            q = self._query(req, audio, filename)
+            out = query_map(
+                self.index,
+                self.model,
+                q,
+                Path(tmp) / "map",
+                zoom=req.zoom,
+                setting=req.setting,
+                scale=ScaleSpec.parse(req.scale),
+                cmap=req.cmap,
+                basemap=self.basemap,
+                width_px=req.width,
+                title=req.title,
+                formats=(fmt,),
+                cache_dir=self.cache_dir,
+                allow_incomplete=self.allow_incomplete,
+            )
+            return Path(getattr(out, fmt)).read_bytes()
+
+    def top(self, req: QueryRequest, audio: bytes | None = None, filename: str | None = None) -> dict[str, Any]:
+        """The ``k`` most likely places for a query, as ``psm map top`` lists them."""
+        from psm.maps.query import condition, default_zoom, score_label, top_k
+
+        with self._lock:
+            q = self._query(req, audio, filename)
+            zoom = default_zoom(self.index, req.zoom)
+            cond = condition(
+                self.index,
+                self.model,
+                zoom,
+                req.setting,
+                cache_dir=self.cache_dir,
+                allow_incomplete=self.allow_incomplete,
+            )
+            ids, scores = top_k(cond, q, req.k)
+        pts = self.index.points.iloc[ids]
+        places = [
+            {"rank": i + 1, "latitude": float(lat), "longitude": float(lon), "score": float(s), "point_id": int(p)}
+            for i, (lat, lon, s, p) in enumerate(zip(pts["latitude"], pts["longitude"], scores, ids, strict=True))
+        ]
+        return {
+            "query": q.describe(),
+            "zoom": zoom,
+            "setting": cond.setting.to_dict(),
+            "score": score_label(cond.probabilistic),
+            "places": places,
+        }
+
+
+def _page() -> bytes:
+    return resources.files("psm.serving").joinpath("page.html").read_bytes()
+
+
+class MapRequestHandler(BaseHTTPRequestHandler):
+    """Routes: ``/`` (the query page), ``/api/info``, ``/map.{html,png,tif}``, ``/api/top``, ``/health``.
+
+    Map and top requests take their query in the URL; POST adds an audio clip as the raw request body
+    (``filename=`` names its format).
+    """
+
+    service: MapService  # set on the subclass make_server builds
+    server_version = "psm-serve"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        self._dispatch(body=None)
+
+    def do_POST(self) -> None:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self._error(HTTPStatus.LENGTH_REQUIRED, "POST needs a Content-Length (the audio clip's size)")
+            return
+        try:
+            n = int(length)
+        except ValueError:
+            self._error(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}")
+            return
+        if n > MAX_AUDIO_BYTES:
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"audio body over {MAX_AUDIO_BYTES // 2**20} MiB")
+            return
+        body = self.rfile.read(n)
+        if len(body) != n:
+            self._error(HTTPStatus.BAD_REQUEST, f"body ended after {len(body)} of {n} bytes")
+            return
+        self._dispatch(body=body)
+
+    def _dispatch(self, body: bytes | None) -> None:
+        from psm.data.audio import AudioDecodeError
+        from psm.data.metadata import MetadataError
+        from psm.maps.query import MapQueryError
+
+        url = urlsplit(self.path)
+        params = parse_qs(url.query, keep_blank_values=False)
+        route = url.path.rstrip("/") or "/"
+        try:
+            if route == "/" and body is None:
+                self._send(HTTPStatus.OK, "text/html; charset=utf-8", _page())
+            elif route == "/favicon.ico" and body is None:  # browsers ask for one; answer "none" without an error
+                self._send(HTTPStatus.NO_CONTENT, "image/x-icon", b"")
+            elif route == "/health" and body is None:
+                self._send(HTTPStatus.OK, "text/plain; charset=utf-8", b"ok\n")
+            elif route == "/api/info" and body is None:
+                self._json(self.service.info())
+            elif route.startswith("/map.") and route[len("/map.") :] in MAP_FORMATS:
+                fmt = route[len("/map.") :]
+                req = parse_query_request(params)
+                data = self.service.render(req, fmt, audio=body, filename=_one(params, "filename"))
+                self._send(HTTPStatus.OK, MAP_FORMATS[fmt], data, download=f"psm-map.{fmt}" if fmt == "tif" else None)
+            elif route == "/api/top":
+                req = parse_query_request(params)
+                self._json(self.service.top(req, audio=body, filename=_one(params, "filename")))
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no route {self.command} {url.path}")
+        except (RequestError, MapQueryError, MetadataError, AudioDecodeError) as e:
+            self._error(HTTPStatus.BAD_REQUEST, str(e))
+        except Exception as e:
+            log.exception("request %s failed", self.path)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
+
+    def _send(self, status: HTTPStatus, ctype: str, data: bytes, download: str | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        if download:
+            self.send_header("Content-Disposition", f'attachment; filename="{download}"')
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _json(self, obj: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self._send(status, "application/json", json.dumps(obj, indent=1).encode())
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        self._json({"error": message, "status": int(status)}, status)
+
+
+def make_server(service: MapService, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """An HTTP server for ``service`` (port 0 picks a free port: see ``server.server_address``)."""
+    handler = type("BoundMapRequestHandler", (MapRequestHandler,), {"service": service})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve(service: MapService, host: str = "127.0.0.1", port: int = 8000, announce: Sequence[str] = ()) -> None:
+    """Serve until interrupted (Ctrl-C)."""
+    server = make_server(service, host, port)
+    address = f"http://{server.server_address[0]}:{server.server_address[1]}/"
+    for line in (*announce, f"psm serve: {address}  (Ctrl-C stops)"):
+        print(line, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

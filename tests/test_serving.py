@@ -1,0 +1,257 @@
+"""psm serve: a real HTTP server on 127.0.0.1 answering map queries, checked against the library's own maps."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from psm.maps.query import MapIndex, MetadataSetting, ScaleSpec, condition, embed_text_query, query_map, top_k
+from psm.serving.server import MapService, make_server
+from test_map_query import make_checkpoint, write_test_index
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A server on a free port over a small index, and what a direct (library) query needs."""
+    from psm.models.factory import create_model
+
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = make_checkpoint(root)
+    model = create_model(ckpt).eval()
+    index_dir = write_test_index(root / "index", model)
+    service = MapService(index_dir, ckpt, cache_dir=root / "cache")
+    server = make_server(service, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    yield {"url": f"http://{host}:{port}", "service": service, "root": root, "ckpt": ckpt, "index": index_dir}
+    server.shutdown()
+    server.server_close()
+
+
+def get(url: str, data: bytes | None = None) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a GET (or a POST with ``data``); HTTP errors are returned, not raised."""
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+def test_info_and_page(served):
+    status, ctype, body = get(served["url"] + "/api/info")
+    info = json.loads(body)
+    assert status == 200 and ctype == "application/json"
+    assert info["zoom_levels"] == [1, 3] and info["num_points"] == MapIndex(served["index"]).num_points
+    assert info["metadata_types"] == ["audio_source", "caption_source", "location", "month", "hour"]
+    assert info["text_queries"] and "iNat" in info["audio_sources"]
+    status, ctype, body = get(served["url"] + "/")
+    assert status == 200 and ctype.startswith("text/html") and b"Where would I hear this?" in body
+    assert get(served["url"] + "/health")[:2] == (200, "text/plain; charset=utf-8")
+
+
+def test_map_tif_equals_the_library_map(served, tmp_path):
+    # The served COG is the very map `psm map query` writes for the same query and setting.
+    svc = served["service"]
+    status, ctype, body = get(served["url"] + "/map.tif?text=birds+chirping&month=5&hour=6&audio_source=iNat&zoom=3")
+    assert status == 200 and ctype == "image/tiff"
+    q = embed_text_query(svc.model, svc.tokenizer, "birds chirping")
+    setting = MetadataSetting(month=5, hour=6, audio_source="iNat")
+    ref = query_map(svc.index, svc.model, q, tmp_path / "ref", zoom=3, setting=setting, formats=("tif",))
+    with rasterio.open(io.BytesIO(body)) as served_map, rasterio.open(ref.tif) as direct:
+        assert served_map.crs == direct.crs and served_map.transform == direct.transform
+        a, b = served_map.read(1, masked=True), direct.read(1, masked=True)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_array_equal(a.filled(0), b.filled(0))
+        assert a.mask.any() and not a.mask.all()  # the ellipse's outside and the points without imagery are nodata
+
+
+def test_metadata_changes_the_map_and_percentile_scale(served):
+    base = served["url"] + "/map.tif?text=birds&zoom=1"
+    maps = []
+    for extra in ("&month=5&hour=6", "&month=5&hour=20", "&month=5&hour=6&scale=percentile"):
+        status, _, body = get(base + extra)
+        assert status == 200
+        with rasterio.open(io.BytesIO(body)) as ds:
+            maps.append(ds.read(1, masked=True))
+    assert not np.ma.allclose(maps[0], maps[1])  # the hour is fused into the map
+    assert maps[2].min() >= 0.0 and maps[2].max() <= 1.0  # percentile scale maps to [0, 1]
+
+
+def test_html_and_png_maps(served):
+    status, ctype, body = get(served["url"] + "/map.html?text=waves&prompt_ensemble=true&title=Waves")
+    assert status == 200 and ctype.startswith("text/html")
+    assert b"Waves" in body and b"the sound of waves" not in body  # the legend names the query, not each prompt
+    status, ctype, body = get(served["url"] + "/map.png?text=waves&width=400")
+    assert status == 200 and ctype == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_top_places_equal_the_library_ranking(served):
+    svc = served["service"]
+    status, _, body = get(served["url"] + "/api/top?text=traffic&month=1&hour=8&k=7")
+    top = json.loads(body)
+    assert status == 200 and len(top["places"]) == 7 and top["zoom"] == 1
+    cond = condition(svc.index, svc.model, 1, MetadataSetting(month=1, hour=8), cache_dir=served["root"] / "cache")
+    ids, scores = top_k(cond, embed_text_query(svc.model, svc.tokenizer, "traffic"), 7)
+    assert [p["point_id"] for p in top["places"]] == ids.tolist()
+    np.testing.assert_allclose([p["score"] for p in top["places"]], scores, rtol=1e-6)
+    pts = svc.index.points.iloc[ids]
+    np.testing.assert_allclose([p["latitude"] for p in top["places"]], pts["latitude"])
+
+
+def test_audio_query_by_post(served, tmp_path):
+    import soundfile as sf
+
+    t = np.arange(16000 * 2) / 16000
+    buf = io.BytesIO()
+    sf.write(buf, (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000, format="WAV")
+    status, _, body = get(served["url"] + "/api/top?filename=clip.wav&k=3", data=buf.getvalue())
+    assert status == 200, body
+    top = json.loads(body)
+    assert top["query"] == "audio: clip.wav" and len(top["places"]) == 3
+    # a body that is not audio: a clear 400, and the server goes on
+    status, _, body = get(served["url"] + "/api/top?filename=my%20clip.wav", data=b"not a wav file at all")
+    error = json.loads(body)["error"]
+    assert status == 400 and "my clip.wav" in error and "psm-serve-" not in error  # the client's name, no temp path
+    assert get(served["url"] + "/health")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("/map.tif?month=5", "needs text="),
+        ("/map.tif?text=birds&month=13", "month"),
+        ("/map.tif?text=birds&audio_source=tiktok", "tiktok"),
+        ("/map.tif?text=birds&zoom=5", "zoom"),
+        ("/map.tif?text=birds&hour=dawn", "must be a number"),
+        ("/map.tif?text=birds&scale=shared", "shared"),
+        ("/map.tif?text=birds&scale=percentile:90,10", "percentiles"),
+        ("/map.tif?text=birds&cmap=nope", "colormap"),
+        ("/map.tif?text=birds&width=5", "width"),
+        ("/map.tif?text=birds&mnth=5", "unknown parameters ['mnth']"),
+        ("/map.tif?text=birds&month=5&month=6", "given 2 times"),
+        ("/api/top?text=birds&k=0", "k must be"),
+        ("/api/top?filename=x.exe", "audio file name"),
+        ("/api/top?text=birds&filename=a.wav", "either text or an audio body"),
+    ],
+)
+def test_bad_requests_get_a_clear_400(served, query, message):
+    data = b"RIFF" if "filename" in query else None
+    status, ctype, body = get(served["url"] + query, data=data)
+    assert status == 400 and ctype == "application/json"
+    assert message in json.loads(body)["error"]
+
+
+def test_unknown_routes_and_oversized_bodies(served):
+    assert get(served["url"] + "/map.jpg?text=birds")[0] == 404
+    assert get(served["url"] + "/nothing")[0] == 404
+    req = urllib.request.Request(served["url"] + "/api/top?filename=a.wav", method="POST", data=b"x")
+    req.add_header("Content-Length", str(1 << 40))  # announced, never sent: refused before reading
+    try:
+        urllib.request.urlopen(req, timeout=30)
+        raise AssertionError("an oversized body was accepted")
+    except urllib.error.HTTPError as e:
+        assert e.code == 413
+
+
+def test_concurrent_requests_all_answered(served):
+    results = []
+
+    def ask(hour):
+        results.append(get(served["url"] + f"/api/top?text=birds&month=4&hour={hour}&k=2")[0])
+
+    threads = [threading.Thread(target=ask, args=(h,)) for h in (1, 2, 3, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 4
+
+
+def test_service_refuses_a_model_that_did_not_build_the_index(served, tmp_path):
+    from psm.maps.query import MapQueryError
+
+    other = make_checkpoint(tmp_path, overrides={"embed_dim": 16})
+    with pytest.raises(MapQueryError, match="embed_dim"):
+        MapService(served["index"], other)
+
+
+def test_cli_serves_until_stopped(served):
+    # `psm serve` starts, announces its address, answers, and reports a bad start with exit code 2.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "psm.cli", "serve", "--index", str(served["index"]), "--checkpoint",
+         str(served["ckpt"]), "--port", "0", "--cache-dir", str(served["root"] / "cache")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        url = None
+        while time.time() < deadline and url is None:
+            line = proc.stdout.readline()
+            if "http://" in line:
+                url = line.split()[2]
+        assert url, proc.stderr.read()
+        status, _, body = get(url + "api/top?text=birds&k=1")
+        assert status == 200 and len(json.loads(body)["places"]) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = subprocess.run(
+        [sys.executable, "-m", "psm.cli", "serve", "--index", str(Path(served["root"]) / "missing"), "--checkpoint",
+         str(served["ckpt"])],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "not a map index" in bad.stderr
+
+
+def test_query_page_in_a_browser(served):
+    # The page fills its choices from /api/info, draws a text query's map in its frame, and lists top places.
+    from test_browser import browser_page
+
+    with browser_page() as page:
+        page.goto(served["url"] + "/")
+        page.wait_for_function("document.querySelectorAll('#zoom option').length === 2")
+        page.fill("#text", "birds chirping")
+        page.fill("#month", "5")
+        page.fill("#hour", "6")
+        page.select_option("#audio_source", "iNat")
+        page.click("#draw")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('drawn')", timeout=60_000)
+        frame = page.frame_locator("#map")
+        assert "birds chirping" in frame.locator("body").inner_text()
+        assert page.locator("#downloads a").count() == 2
+        page.click("#top")
+        page.wait_for_function("document.querySelectorAll('#places tbody tr').length === 20", timeout=60_000)
+        # an hour out of range is stopped by the form itself
+        page.fill("#hour", "99")
+        page.click("#draw")
+        assert page.evaluate("!document.getElementById('hour').checkValidity()")
+        # a clip the server cannot decode: its message is shown, not a broken page
+        page.fill("#hour", "6")
+        page.set_input_files("#audio", files=[{"name": "junk.wav", "mimeType": "audio/wav", "buffer": b"junk"}])
+        page.click("#draw")
+        page.wait_for_function("document.getElementById('status').className === 'error'", timeout=60_000)
+        assert "junk.wav" in page.text_content("#status") and "psm-serve-" not in page.text_content("#status")
+        # (Chromium logs each 4xx answer as a console error: that one is expected)
+        assert [e for e in page.errors if "status of 400" not in e] == []
+        assert all(u.startswith((served["url"], "data:", "about:")) for u in page.requests)
+
+
+def test_scale_spec_of_a_request_is_the_library_one():
+    from psm.serving.server import parse_query_request
+
+    req = parse_query_request({"text": ["a", "b"], "scale": ["percentile:5,95"], "location": ["off"]})
+    assert req.texts == ["a", "b"] and ScaleSpec.parse(req.scale).percentiles == (5.0, 95.0)
+    assert req.setting == MetadataSetting(location=False)
