@@ -166,4 +166,5 @@ def run_demo(
     ]
     report = write_report(entries, table, out / "report.html")
     print(f"\nreport: {report}\ndone in {time.perf_counter() - start:.0f} s")
+    print(f"ask your own questions: psm serve --index {index} --checkpoint {ckpt}  (then open http://127.0.0.1:8000/)")
     return 0
