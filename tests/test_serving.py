@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import pytest
 import rasterio
 
 from psm.maps.query import MapIndex, MetadataSetting, ScaleSpec, condition, embed_text_query, query_map, top_k
-from psm.serving.server import MapService, make_server
+from psm.serving.server import MapService, make_server, tile_bounds
 from test_map_query import make_checkpoint, write_test_index
 
 
@@ -232,6 +233,8 @@ def test_query_page_in_a_browser(served):
         frame = page.frame_locator("#map")
         assert "birds chirping" in frame.locator("body").inner_text()
         assert page.locator("#downloads a").count() == 2
+        xyz = page.input_value("#xyz")
+        assert xyz.startswith(served["url"] + "/tiles/{z}/{x}/{y}.png?") and "month=5" in xyz
         page.click("#top")
         page.wait_for_function("document.querySelectorAll('#places tbody tr').length === 20", timeout=60_000)
         # an hour out of range is stopped by the form itself
@@ -255,3 +258,72 @@ def test_scale_spec_of_a_request_is_the_library_one():
     req = parse_query_request({"text": ["a", "b"], "scale": ["percentile:5,95"], "location": ["off"]})
     assert req.texts == ["a", "b"] and ScaleSpec.parse(req.scale).percentiles == (5.0, 95.0)
     assert req.setting == MetadataSetting(location=False)
+
+
+def _tile_of(lon: float, lat: float, z: int) -> tuple[int, int]:
+    n = 2**z
+    x = int((lon + 180.0) / 360.0 * n)
+    y = int((1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0 * n)
+    return x, y
+
+
+def test_tile_bounds():
+    half = 20_037_508.342789244
+    assert tile_bounds(0, 0, 0) == pytest.approx((-half, -half, half, half))
+    assert tile_bounds(1, 1, 0) == pytest.approx((0.0, 0.0, half, half))  # y counts down from the north
+    with pytest.raises(ValueError, match="no tile"):
+        tile_bounds(3, 8, 0)
+
+
+def test_tiles_show_the_maps_scores_on_its_colour_scale(served):
+    # Each tile pixel is the colour of the grid point under its centre, on the whole map's scale: checked against
+    # the served COG of the same query, sampled at the tile pixels' centres by an independent transform.
+    from PIL import Image
+    from rasterio.transform import from_bounds, xy
+    from rasterio.warp import transform as warp
+    from rasterio.warp import transform_bounds
+
+    from psm.maps.render import colorize
+
+    query = "?text=birds&month=5&hour=6&zoom=3"
+    status, _, tif = get(served["url"] + "/map.tif" + query)
+    with rasterio.open(io.BytesIO(tif)) as ds:
+        scores, inverse, crs = ds.read(1, masked=True).filled(np.nan), ~ds.transform, ds.crs
+        vmin, vmax = float(np.nanmin(scores)), float(np.nanmax(scores))
+        west, south, east, north = transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
+    z = 12
+    x, y = _tile_of((west + east) / 2, (south + north) / 2, z)
+    status, ctype, png = get(served["url"] + f"/tiles/{z}/{x}/{y}.png" + query)
+    assert status == 200 and ctype == "image/png"
+    tile = np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
+    assert tile.shape == (256, 256, 4)
+    rows, cols = np.mgrid[0:256, 0:256]
+    mx, my = xy(from_bounds(*tile_bounds(z, x, y), 256, 256), rows.ravel(), cols.ravel(), offset="center")
+    gx, gy = warp("EPSG:3857", crs, mx, my)
+    c, r = inverse * (np.asarray(gx), np.asarray(gy))
+    r, c = np.floor(r).astype(int), np.floor(c).astype(int)
+    inside = (r >= 0) & (r < scores.shape[0]) & (c >= 0) & (c < scores.shape[1])
+    expected = np.zeros((256 * 256, 4), dtype=np.uint8)
+    expected[inside] = colorize(scores[r[inside], c[inside]], vmin, vmax)
+    agree = (tile.reshape(-1, 4) == expected).all(axis=1)
+    assert agree.mean() > 0.99  # (pixels whose centre falls on a grid cell edge may round the other way)
+    assert (tile[..., 3] == 255).sum() > 1000 and (tile[..., 3] == 0).sum() > 1000  # map and nodata both shown
+    # a tile far from the index is empty, and a second request of the map reuses its scored raster
+    far_x, far_y = _tile_of(-100.0, 40.0, z)
+    status, _, png = get(served["url"] + f"/tiles/{z}/{far_x}/{far_y}.png" + query)
+    assert status == 200 and (np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))[..., 3] == 0).all()
+    assert len(served["service"]._rasters) >= 1
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "message"),
+    [
+        ("/tiles/30/0/0.png?text=birds", 400, "no tile"),
+        ("/tiles/2/4/0.png?text=birds", 400, "no tile"),
+        ("/tiles/2/a/0.png?text=birds", 400, "a tile is /tiles/Z/X/Y.png"),
+        ("/tiles/2/1/1.png?month=5", 400, "text query"),
+    ],
+)
+def test_bad_tile_requests(served, path, status, message):
+    got, _, body = get(served["url"] + path)
+    assert got == status and message in json.loads(body)["error"]

@@ -1164,6 +1164,39 @@ def map_tags(
     return tags
 
 
+def query_raster(
+    index: MapIndex,
+    model: Any,
+    query: QueryEmbedding,
+    *,
+    zoom: int | None = None,
+    setting: MetadataSetting = MetadataSetting(),
+    scale: ScaleSpec = ScaleSpec(),
+    cache_dir: str | Path | None = None,
+    allow_incomplete: bool = False,
+    batch_size: int = 4096,
+    device: str | torch.device | None = None,
+    precision: str = "float32",
+    scorer: str | None = None,
+) -> tuple[np.ndarray, Scale, ConditionedEmbeddings]:
+    """A query's scaled scores on the index's grid (NaN = no point or no imagery), its scale and the
+    conditioned embeddings it was scored against: what a map file or a map tile is drawn from."""
+    cond = condition(
+        index,
+        model,
+        default_zoom(index, zoom),
+        setting,
+        cache_dir=cache_dir,
+        allow_incomplete=allow_incomplete,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+    )
+    raw = score(cond, query, scorer=scorer)
+    resolved = resolve_scale(scale, raw, score_label(cond.probabilistic))
+    return index.raster(resolved.apply(raw)), resolved, cond
+
+
 def query_map(
     index: MapIndex,
     model: Any,
@@ -1193,22 +1226,21 @@ def query_map(
     from psm.maps.render import MapLegend, render_map
 
     zoom = default_zoom(index, zoom)
-    cond = condition(
+    raster, resolved, cond = query_raster(
         index,
         model,
-        zoom,
-        setting,
+        query,
+        zoom=zoom,
+        setting=setting,
+        scale=scale,
         cache_dir=cache_dir,
         allow_incomplete=allow_incomplete,
         batch_size=batch_size,
         device=device,
         precision=precision,
+        scorer=scorer,
     )
-    raw = score(cond, query, scorer=scorer)
     label = score_label(cond.probabilistic)
-    resolved = resolve_scale(scale, raw, label)
-    values = resolved.apply(raw)
-    raster = index.raster(values)
     model_name = index.model_name(model)
     n_valid = int(cond.valid.sum())
     legend = MapLegend(

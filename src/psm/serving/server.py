@@ -31,6 +31,10 @@ MAX_TEXTS = 32
 MAX_TOP_K = 10_000
 MAP_FORMATS = {"html": "text/html; charset=utf-8", "png": "image/png", "tif": "image/tiff"}
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aac")
+TILE_SIZE = 256
+MAX_TILE_ZOOM = 22
+WEB_MERCATOR_HALF = 20_037_508.342789244  # half the side of the EPSG:3857 world square, metres
+RASTER_CACHE_SIZE = 4  # scored rasters kept for tile requests (each H×W float32: 40 MB for 10 million points)
 
 
 class RequestError(ValueError):
@@ -168,6 +172,7 @@ class MapService:
         # One query at a time: torch already uses every core for one, and the conditioned-embedding cache
         # of a new setting is then computed once, not by two requests racing for it.
         self._lock = threading.Lock()
+        self._rasters: dict[str, tuple[Any, float, float]] = {}
 
     def info(self) -> dict[str, Any]:
         """What a client needs to build a query: metadata the model uses and their vocabularies, zooms, area."""
@@ -234,6 +239,61 @@ class MapService:
             )
             return Path(getattr(out, fmt)).read_bytes()
 
+    def tile(self, req: QueryRequest, z: int, x: int, y: int) -> bytes:
+        """One 256 px web-mercator PNG tile of a text query's map, on the whole map's colour scale, for web maps
+        and GIS (an XYZ layer); places without a score are transparent."""
+        import numpy as np
+        from rasterio.transform import from_bounds
+        from rasterio.warp import Resampling, reproject
+
+        from psm.maps.render import _png_bytes, colorize
+
+        bounds = tile_bounds(z, x, y)
+        raster, vmin, vmax = self._scored_raster(req)
+        grid = self.index.grid
+        out = np.full((TILE_SIZE, TILE_SIZE), np.nan, dtype=np.float32)
+        # Nearest neighbour: each tile pixel shows one grid point's score, never a blend with nodata.
+        reproject(
+            raster,
+            out,
+            src_transform=grid.affine(),
+            src_crs=grid.rasterio_crs(),
+            src_nodata=np.nan,
+            dst_transform=from_bounds(*bounds, TILE_SIZE, TILE_SIZE),
+            dst_crs="EPSG:3857",
+            dst_nodata=np.nan,
+            resampling=Resampling.nearest,
+        )
+        return _png_bytes(colorize(out, vmin, vmax, req.cmap))
+
+    def _scored_raster(self, req: QueryRequest) -> tuple[Any, float, float]:
+        """(scores on the index grid, vmin, vmax) of a text query, kept for the next tiles of the same map."""
+        from psm.maps.query import ScaleSpec, query_raster
+
+        if not req.texts:
+            raise RequestError("map tiles take a text query (an audio clip cannot travel in a tile URL)")
+        key = json.dumps([req.texts, req.templates, req.setting.to_dict(), req.zoom, req.scale], sort_keys=True)
+        with self._lock:
+            if key in self._rasters:
+                self._rasters[key] = self._rasters.pop(key)  # most recently used last
+                return self._rasters[key]
+            q = self._query(req, None, None)
+            raster, scale, _ = query_raster(
+                self.index,
+                self.model,
+                q,
+                zoom=req.zoom,
+                setting=req.setting,
+                scale=ScaleSpec.parse(req.scale),
+                cache_dir=self.cache_dir,
+                allow_incomplete=self.allow_incomplete,
+            )
+            vmin, vmax = scale.display_range()
+            self._rasters[key] = (raster, vmin, vmax)
+            while len(self._rasters) > RASTER_CACHE_SIZE:
+                self._rasters.pop(next(iter(self._rasters)))
+            return self._rasters[key]
+
     def top(self, req: QueryRequest, audio: bytes | None = None, filename: str | None = None) -> dict[str, Any]:
         """The ``k`` most likely places for a query, as ``psm map top`` lists them."""
         from psm.maps.query import condition, default_zoom, score_label, top_k
@@ -264,12 +324,22 @@ class MapService:
         }
 
 
+def tile_bounds(z: int, x: int, y: int) -> tuple[float, float, float, float]:
+    """EPSG:3857 bounds (west, south, east, north) of XYZ tile z/x/y (the OSM / Google scheme, y down)."""
+    if not 0 <= z <= MAX_TILE_ZOOM or not (0 <= x < 2**z and 0 <= y < 2**z):
+        raise RequestError(f"no tile {z}/{x}/{y}: zoom must be 0..{MAX_TILE_ZOOM} and x, y in 0..2^zoom−1")
+    span = 2 * WEB_MERCATOR_HALF / 2**z
+    west, north = -WEB_MERCATOR_HALF + x * span, WEB_MERCATOR_HALF - y * span
+    return west, north - span, west + span, north
+
+
 def _page() -> bytes:
     return resources.files("psm.serving").joinpath("page.html").read_bytes()
 
 
 class MapRequestHandler(BaseHTTPRequestHandler):
-    """Routes: ``/`` (the query page), ``/api/info``, ``/map.{html,png,tif}``, ``/api/top``, ``/health``.
+    """Routes: ``/`` (the query page), ``/api/info``, ``/map.{html,png,tif}``, ``/tiles/Z/X/Y.png``, ``/api/top``,
+    ``/health``.
 
     Map and top requests take their query in the URL; POST adds an audio clip as the raw request body
     (``filename=`` names its format).
@@ -325,6 +395,12 @@ class MapRequestHandler(BaseHTTPRequestHandler):
                 req = parse_query_request(params)
                 data = self.service.render(req, fmt, audio=body, filename=_one(params, "filename"))
                 self._send(HTTPStatus.OK, MAP_FORMATS[fmt], data, download=f"psm-map.{fmt}" if fmt == "tif" else None)
+            elif route.startswith("/tiles/") and route.endswith(".png") and body is None:
+                parts = route[len("/tiles/") : -len(".png")].split("/")
+                if len(parts) != 3 or not all(p.isdigit() for p in parts):
+                    raise RequestError(f"a tile is /tiles/Z/X/Y.png, got {url.path}")
+                z, x, y = (int(p) for p in parts)
+                self._send(HTTPStatus.OK, "image/png", self.service.tile(parse_query_request(params), z, x, y))
             elif route == "/api/top":
                 req = parse_query_request(params)
                 self._json(self.service.top(req, audio=body, filename=_one(params, "filename")))
