@@ -360,6 +360,25 @@ def test_truncated_real_wav(tmp_path):
         load_audio(cut)
 
 
+@pytest.mark.shared
+def test_truncated_real_ogg(tmp_path):
+    # libsndfile decodes the whole pages of a cut Ogg and reports only those as the length: without a
+    # page check, 90 % of this file decoded "successfully" as a shorter clip.
+    raw = shared_data("audio", "librosa", "glacier-bay-humpback.ogg").read_bytes()
+    assert len(load_audio(shared_data("audio", "librosa", "glacier-bay-humpback.ogg"))) > 0
+    for fraction in (0.5, 0.9, 0.999):
+        cut = tmp_path / f"cut{fraction}.ogg"
+        cut.write_bytes(raw[: int(len(raw) * fraction)])
+        with pytest.raises(AudioDecodeError, match=rf"cut{fraction}\.ogg.*truncated Ogg"):
+            load_audio(cut)
+    # Cut exactly between two pages: every page is whole, but the stream never ends.
+    second_last_page_end = raw.rfind(b"OggS")
+    cut = tmp_path / "between_pages.ogg"
+    cut.write_bytes(raw[:second_last_page_end])
+    with pytest.raises(AudioDecodeError, match=r"between_pages\.ogg.*end-of-stream"):
+        load_audio(cut)
+
+
 @pytest.mark.parametrize(("fmt", "subtype"), [("FLAC", "PCM_16"), ("MP3", "MPEG_LAYER_III")])
 def test_decode_written_flac_and_mp3(tmp_path, fmt, subtype):
     if fmt not in sf.available_formats():

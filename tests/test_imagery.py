@@ -284,6 +284,16 @@ def test_load_image_files(tmp_path: Path) -> None:
         load_image(tmp_path / "missing.png")
 
 
+def test_load_image_refuses_wide_modes_instead_of_clipping(tmp_path: Path) -> None:
+    # 16-bit grey (e.g. reflectance exported as PNG) and float TIFF: convert("RGB") would clip every value
+    # above 255 to 255 (or a float in [0, 1] to 0) and return a plausible-looking uint8 image.
+    Image.fromarray(np.full((8, 8), 4000, dtype=np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), mode="F").save(tmp_path / "f.tif")
+    for name, mode in (("g16.png", "I;16"), ("f.tif", "F")):
+        with pytest.raises(ImageryError, match=rf"{name}.*mode '{mode}'.*would clip"):
+            load_image(tmp_path / name)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Rasters: synthetic files
 # --------------------------------------------------------------------------------------------------------

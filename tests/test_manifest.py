@@ -161,6 +161,9 @@ def test_dataset_samples_are_reproducible_per_seed_and_epoch(tmp_path):
         ("June 26th, 2010", 6, 0),  # no time of day: hour 0, valid (official semantics)
         ("Tue, 05 Mar 2019 18:20:00 GMT", 3, 18),  # cut before "gmt"
         ("2010", None, 0),  # no month: unknown (dateutil would fill in today's)
+        ("2010-06-26 3 PM", 6, 15),  # an hour without minutes is still a time of day
+        ("June 2 2010 at 7 am", 6, 7),
+        ("Feb 29", 2, 0),  # no year: a leap day must not fail the parse
         ("not a date", None, None),
         ("", None, None),
         (None, None, None),
@@ -210,3 +213,71 @@ def test_dataset_can_compute_clap_features_per_sample(tmp_path):
     assert torch.equal(features[0], sample.audio_features)
     batch = make_collate(MetadataSpec())([sample, ds[1]])
     assert batch.audio_features.shape == (2, 4, 1001, 64) and batch.waveforms is None
+
+
+def test_validate_reports_an_empty_key_and_an_infinite_month_hour_by_row(tmp_path):
+    rows = _write_good_files(tmp_path, 3)
+    rows[1]["key"] = ""
+    rows[2]["month"], rows[2]["hour"] = "inf", "-inf"
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    report = validate_manifest(tmp_path / "m.csv", decode=False)  # must not raise on int(inf)
+    got = {(p.row, p.column): p.reason for p in report.errors}
+    assert got == {
+        (1, "key"): "empty key",
+        (2, "month"): "'inf' is not an integer in 1..12",
+        (2, "hour"): "'-inf' is not an integer in 0..23",
+    }
+
+
+def test_freesound_hour_from_a_date_is_unknown_as_in_the_shard_decoders(tmp_path):
+    from psm.data.manifest import iter_rows, read_manifest
+
+    rows = _write_good_files(tmp_path, 3)
+    rows[0]["audio_source"] = rows[1]["audio_source"] = "freesound"
+    rows[0]["date"] = "June 26th, 2010"
+    rows[1]["hour"] = 14  # an explicit hour is kept
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    df = read_manifest(tmp_path / "m.csv")
+    parsed = [row.metadata for row, _ in iter_rows(df, tmp_path / "m.csv", MetadataSpec())]
+    assert [(m["month"], m["hour"]) for m in parsed] == [(6, None), (5, 14), (5, 6)]
+
+
+def test_pack_skips_duplicate_and_unpackable_keys_naming_their_rows(tmp_path, capsys):
+    from psm.data.shards import read_index
+
+    rows = _write_good_files(tmp_path, 4)
+    rows[2]["key"] = "s0"  # duplicate of row 0
+    rows[3]["key"] = "site.3"  # a "." would split the tar member name
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    report = validate_manifest(tmp_path / "m.csv", decode=False)
+    assert [(p.row, p.severity) for p in report.problems if p.column == "key"] == [(2, "error"), (3, "warning")]
+    out = tmp_path / "shards"
+    assert cli_main(["data", "pack", str(tmp_path / "m.csv"), str(out), "--report", str(tmp_path / "skip")]) == 0
+    assert "2 samples in 1 shards" in capsys.readouterr().out
+    assert [s["first_key"] for s in read_index(out, "train")["shards"]] == ["s0"]
+    skipped = {p.row: p.reason for p in SkipLog.read_all(tmp_path / "skip")}
+    assert skipped.keys() == {2, 3}
+    assert skipped[2] == "duplicate key (first at row 0)" and "'site.3' contains ['.']" in skipped[3]
+
+
+def test_validate_catches_a_raster_window_the_dataset_cannot_read_at_the_edge(tmp_path):
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.warp import transform
+
+    size, left, top = 1400, 400_000.0, 5_800_000.0  # 10 m pixels: a zoom-5 window (1280 px) just fits
+    profile = dict(driver="GTiff", height=size, width=size, count=3, dtype="uint8", crs="EPSG:32633")
+    with rasterio.open(tmp_path / "r.tif", "w", transform=from_origin(left, top, 10, 10), **profile) as dst:
+        dst.write(np.full((3, size, size), 100, dtype=np.uint8))
+    rows = _write_good_files(tmp_path, 2)
+    # Pixel (col, row) positions: the middle, and 0.7 px inside the last column that a window centred on
+    # the point's pixel still reaches, but a window centred on the point itself does not.
+    for r, (col, row) in zip(rows, [(700.5, 700.5), (size - 640 + 0.7, 700.5)], strict=True):
+        (lon,), (lat,) = transform("EPSG:32633", "EPSG:4326", [left + 10 * col], [top - 10 * row])
+        r.update(latitude=lat, longitude=lon, image_sentinel2="r.tif")
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    ds = ManifestDataset(tmp_path / "m.csv", imagery_source="sentinel2", train=False, zoom=5, input_size=32)
+    assert ds[0] is not None and ds[1] is None  # the dataset cannot read row 1 at zoom 5 ...
+    report = validate_manifest(tmp_path / "m.csv")  # ... so validation must say so
+    assert report.bad_rows == {1}
+    assert "partly outside the raster" in report.errors[0].reason

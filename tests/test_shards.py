@@ -392,6 +392,17 @@ def test_skip_policy_records_bad_sample(corrupt_shards, tmp_path):
     assert len([s.key for s in padded]) == len(padded) == 4 and padded.num_filled == 1
 
 
+def test_sixteen_bit_image_member_is_an_error_not_a_clipped_image(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 4000, dtype=np.uint16)).save(buf, format="PNG")
+    rec = make_record(0, "flac")
+    rec.image = buf.getvalue()
+    pack_records([rec], tmp_path, samples_per_shard=1)
+    ds = ShardDataset(tmp_path, ShardDecoder(EVAL_VIEW), on_error="skip", even=None)
+    assert list(ds) == [] and ds.num_errors == 1
+    assert "rec-000.image.png" in ds.errors[0].reason and "would clip" in ds.errors[0].reason
+
+
 def test_many_skipped_samples_are_all_recorded_but_logged_only_at_first(tmp_path, caplog):
     """A damaged shard set does not flood the console; every problem is still in errors and the error log."""
     from psm.data.shards import WARN_FIRST_PROBLEMS

@@ -70,6 +70,33 @@ def _wav_truncation(path: Path) -> str | None:
     return "WAV has no data chunk"
 
 
+def _ogg_truncation(path: Path) -> str | None:
+    """Return why an Ogg file (Vorbis/Opus/FLAC-in-Ogg) was cut short, else ``None``.
+
+    libsndfile decodes the complete pages of a cut Ogg file and reports only those frames as the length
+    (Ogg has no length header), so a half-copied file would otherwise decode "successfully". A complete
+    file is a run of whole pages whose last one carries the end-of-stream flag.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        pos, last_flags = 0, None
+        while pos < size:
+            f.seek(pos)
+            header = f.read(27)
+            if len(header) < 27 or header[:4] != b"OggS":
+                if last_flags is None:
+                    return None  # not Ogg: leave it to libsndfile
+                break  # bytes after the last page (e.g. a tag): judge the pages before them
+            lacing = f.read(header[26])
+            end = pos + 27 + header[26] + sum(lacing)
+            if len(lacing) < header[26] or end > size:
+                return f"truncated Ogg: the page at byte {pos} ends at byte {end}, the file holds {size}"
+            pos, last_flags = end, header[5]
+    if last_flags is not None and not last_flags & 0x04:
+        return "truncated Ogg: its last page does not end the stream (no end-of-stream flag)"
+    return None
+
+
 def load_audio(path: str | PathLike[str], target_sr: int = 48_000, *, quality: str = "HQ") -> np.ndarray:
     """Decode an audio file (WAV/FLAC/OGG/MP3 via soundfile) to float32 mono at ``target_sr`` Hz.
 
@@ -80,7 +107,7 @@ def load_audio(path: str | PathLike[str], target_sr: int = 48_000, *, quality: s
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
     try:
-        why = _wav_truncation(path)
+        why = _wav_truncation(path) or _ogg_truncation(path)
         if why is not None:
             raise AudioDecodeError(f"cannot decode {path}: {why}")
         with sf.SoundFile(path) as f:

@@ -38,8 +38,9 @@ def clean_date_text(text: str) -> str:
     return t
 
 
-# Two different defaults reveal which fields the text really contained (dateutil fills in the rest).
-_DEFAULTS = (dt.datetime(2000, 1, 1, 0, 0), dt.datetime(2001, 2, 2, 1, 1))
+# Two different defaults reveal which fields the text really contained (dateutil fills in the rest). Both
+# years are leap years so that "Feb 29" without a year parses with either default.
+_DEFAULTS = (dt.datetime(2000, 1, 1, 0, 0), dt.datetime(2004, 2, 2, 1, 1))
 
 
 def parse_date(text: object, *, time_missing_means_midnight: bool = True) -> ParsedDate:
@@ -58,6 +59,8 @@ def parse_date(text: object, *, time_missing_means_midnight: bool = True) -> Par
     except (ValueError, OverflowError, TypeError):
         return ParsedDate(None, None)
     month = a.month if a.month == b.month else None
-    has_time = (a.hour, a.minute) == (b.hour, b.minute)
+    # The hour alone decides: "3 PM" or "7 am" carry no minutes (dateutil fills in the default's) but do
+    # carry the hour.
+    has_time = a.hour == b.hour
     hour = a.hour if has_time else (0 if time_missing_means_midnight else None)
     return ParsedDate(month, hour)

@@ -352,6 +352,22 @@ class SatelliteView:
 # --------------------------------------------------------------------------------------------------------
 
 
+# PIL modes of more than 8 bits per pixel value (16-bit PNG/TIFF, 32-bit int, float): convert("RGB")
+# clips them to 0..255, which silently saturates e.g. reflectances stored as 16-bit grey.
+_WIDE_PIL_MODES: tuple[str, ...] = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def pil_to_rgb(img: Image.Image, name: str | os.PathLike[str]) -> np.ndarray:
+    """Decode an open PIL image to RGB HWC uint8; refuses wide (16-bit, 32-bit, float) modes it would clip."""
+    if img.mode in _WIDE_PIL_MODES:
+        raise ImageryError(
+            f"{_label(name)}has PIL mode {img.mode!r} (more than 8 bits per value): converting it to 8-bit RGB "
+            f"would clip its values; save it as 8-bit, or give a georeferenced raster and use scale=(lo, hi)"
+        )
+    # convert() forces the full decode, so truncated files fail here and not later in a worker.
+    return np.array(img.convert("RGB"))
+
+
 def load_image(path: PathLike) -> np.ndarray:
     """Read a JPEG/PNG (anything PIL reads) as an RGB HWC uint8 array; corrupt files raise ImageryError."""
     path = Path(path)
@@ -359,8 +375,9 @@ def load_image(path: PathLike) -> np.ndarray:
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
-            # convert() forces the full decode, so truncated files fail here and not later in a worker.
-            return np.array(img.convert("RGB"))
+            return pil_to_rgb(img, path)
+    except ImageryError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageryError(f"cannot read image file {path}: {exc}") from exc
 

@@ -115,6 +115,8 @@ def parse_row(
     def bad(column: str, reason: str, severity: str = "error") -> None:
         problems.append(DataProblem(reason, file=file, row=i, key=key, column=column, severity=severity))
 
+    if pd.isna(r["key"]) or not key.strip():
+        bad("key", "empty key")
     lat, lon = _number(r["latitude"]), _number(r["longitude"])
     if lat is None:
         bad("latitude", f"not a number: {r['latitude']!r}")
@@ -129,12 +131,15 @@ def parse_row(
     if "date" in df.columns:
         parsed = parse_date(r["date"], time_missing_means_midnight=time_missing_means_midnight)
         month, hour = parsed.month, parsed.hour
+        if r["audio_source"] == "freesound":
+            hour = None  # Freesound dates carry no time of day (official rule, as the shard decoders apply)
         if parsed.month is None and isinstance(r["date"], str) and r["date"].strip():
             bad("date", f"cannot parse date {r['date']!r}: month and hour unknown", "warning")
     for name, lo, hi in (("month", 1, 12), ("hour", 0, 23)):
         if name in df.columns and not pd.isna(r[name]):
             v = _number(r[name])
-            if v is None or v != int(v) or not lo <= v <= hi:
+            # Range first: int() of an infinite value raises.
+            if v is None or not lo <= v <= hi or v != int(v):
                 bad(name, f"{r[name]!r} is not an integer in {lo}..{hi}")
                 v = None
             if name == "month":
@@ -215,7 +220,7 @@ def check_files(
 ) -> list[DataProblem]:
     """Check that the row's audio and images exist and decode, and that images are large enough."""
     from psm.data.audio import AudioDecodeError, load_audio
-    from psm.data.imagery import ImageryError, load_image, read_tile_for_zoom
+    from psm.data.imagery import ImageryError, load_image, read_raster_window, read_tile_for_zoom
 
     problems = []
 
@@ -240,7 +245,12 @@ def check_files(
         zoom = max((zoom_levels or {}).get(source_name, source.zoom_levels))
         try:
             if path.suffix.lower() in RASTER_SUFFIXES:
-                read_tile_for_zoom(path, row.metadata["latitude"], row.metadata["longitude"], source, zoom)
+                lat, lon = row.metadata["latitude"], row.metadata["longitude"]
+                read_tile_for_zoom(path, lat, lon, source, zoom)
+                # ManifestDataset reads this footprint resampled to one tile and centred on the point itself,
+                # not on its pixel: within a pixel of the right or bottom edge it leaves the raster when the
+                # pixel-aligned window above does not.
+                read_raster_window(path, lat, lon, size_px=source.tile_size, gsd_m=zoom * source.base_gsd_m)
             else:
                 img = load_image(path)
                 need = zoom * source.tile_size
@@ -277,8 +287,24 @@ def validate_manifest(
         report.problems.extend(problems)
         if row is not None:
             report.problems.extend(check_files(row, str(path), decode=decode))
+            shard_key_problem = _shard_key_problem(row, str(path), "warning")
+            if shard_key_problem is not None:
+                report.problems.append(shard_key_problem)
     report.problems.sort(key=lambda p: (p.row if p.row is not None else -1, p.column or ""))
     return report
+
+
+def _shard_key_problem(row: ManifestRow, file: str, severity: str) -> DataProblem | None:
+    """Why the row's key cannot name a sample in tar shards (``psm data pack``), or None when it can."""
+    from psm.data.shards import ShardWriteError, validate_key
+
+    try:
+        validate_key(row.key)
+    except ShardWriteError as e:
+        return DataProblem(
+            f"cannot be packed: {e}", file=file, row=row.row, key=row.key, column="key", severity=severity
+        )
+    return None
 
 
 def iter_rows(
@@ -325,12 +351,29 @@ def manifest_records(
             raise DataError(p)
         log.record(p)
 
+    first_row: dict[str, int] = {}  # key → row that packed it
     for row, problems in iter_rows(df, path, spec):
         errors = [p for p in problems if p.severity == "error"]
         if row is None or errors:
             problem(errors[0])
             continue
         if split is not None and row.split != split:
+            continue
+        # pack_records refuses such keys and duplicates by stopping the whole pack; a bad row is skipped.
+        key_problem = _shard_key_problem(row, str(path), "error")
+        if key_problem is not None:
+            problem(key_problem)
+            continue
+        if row.key in first_row:
+            problem(
+                DataProblem(
+                    f"duplicate key (first at row {first_row[row.key]})",
+                    file=str(path),
+                    row=row.row,
+                    key=row.key,
+                    column="key",
+                )
+            )
             continue
         image_path = row.images.get(source.name)
         if image_path is None:
@@ -362,6 +405,7 @@ def manifest_records(
             problem(DataProblem(str(e), file=str(path), row=row.row, key=row.key))
             continue
         meta = {**row.metadata, "caption": row.caption, "split": row.split}
+        first_row[row.key] = row.row
         yield ShardRecord(
             key=row.key,
             meta=meta,

@@ -47,7 +47,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from psm.data.batch import RAW_METADATA_FIELDS, Sample
 from psm.data.dates import parse_date
-from psm.data.imagery import ImageryError, SatelliteView
+from psm.data.imagery import ImageryError, SatelliteView, pil_to_rgb
 from psm.data.imagery_sources import ImagerySource
 
 __all__ = [
@@ -970,7 +970,9 @@ def _decode_image(data: bytes, name: str) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return np.array(img.convert("RGB"))  # convert() forces the full decode: truncation fails here
+            return pil_to_rgb(img, name)  # forces the full decode: truncation fails here
+    except ImageryError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageryError(f"cannot decode image {name}: {exc}") from exc
 
