@@ -243,6 +243,15 @@ def test_conditioning_cache_is_reused(env, tmp_path):
     assert meta["setting"]["month"] == 5 and meta["zoom"] == 1
 
 
+def test_conditioned_cache_folder_is_readable_by_others_under_the_umask(env, tmp_path, monkeypatch):
+    """The cache folder of a shared index follows the umask (mkdtemp's 0700 locked other users out of it)."""
+    import psm.maps.render
+
+    monkeypatch.setattr(psm.maps.render, "_UMASK", 0o022)
+    cond = condition(env["index"], env["model"], 1, SETTING, cache_dir=tmp_path)
+    assert cond.path.stat().st_mode & 0o777 == 0o755
+
+
 def test_metadata_changes_the_map(env, tmp_path):
     index, model, q = env["index"], env["model"], env["query"]
     s6 = score(condition(index, model, 1, MetadataSetting(hour=6), cache_dir=tmp_path), q)
@@ -562,3 +571,21 @@ def test_compiled_scorer_matches_blocks(env, tmp_path):
     np.testing.assert_array_equal(ids, top_k(cond, env["query"], 10)[0])
     with pytest.raises(MapQueryError, match="unknown scorer"):
         score(cond, env["query"], scorer="gpu")
+
+
+def test_agreement_over_an_index_without_imagery_is_a_clear_error(env, tmp_path):
+    """An index whose points all lack imagery is refused by name, not with numpy's IndexError on the deciles."""
+    from psm.maps.agreement import truth_agreement
+
+    class FlatWorld:  # the two things truth_agreement asks of a world
+        events = ("traffic",)
+
+        def probabilities(self, lat, lon, hour, month, audio_source=None):
+            return np.full((len(lat), 1), 0.5)
+
+    index = MapIndex(write_test_index(tmp_path / "idx", env["model"], zooms=(1,), invalid_fraction=1.0))
+    with pytest.raises(MapQueryError, match="no point with imagery at zoom 1"):
+        truth_agreement(
+            index, env["model"], env["tok"], FlatWorld(), month=5, hours=[6], zoom=1, events=["traffic"],
+            cache_dir=tmp_path / "cache",
+        )  # fmt: skip

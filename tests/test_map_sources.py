@@ -247,6 +247,49 @@ def test_raster_provider_bad_files(tmp_path):
         parse_source("wms:http://x")
 
 
+def test_raster_provider_reads_flipped_rotated_and_web_mercator_rasters_on_the_ground(tmp_path):
+    """South-up, rotated and Web Mercator rasters are warped per footprint: the footprint is centred on the
+    point, north-up and gsd_m metres per pixel on the ground (read as stored, the first came out upside down
+    and the last, where 1,000 CRS units are ~610 m at 52° N, 0.61 times too small)."""
+    from affine import Affine
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    from psm.data.imagery import ground_scale_error, reads_in_place
+
+    write_pattern_raster(tmp_path / "north.tif")
+    with rasterio.open(tmp_path / "north.tif") as src:
+        data, profile = src.read(), src.profile
+        assert reads_in_place(src) and ground_scale_error(src) < 0.002  # UTM
+    t = profile["transform"]
+    south_up = Affine(t.a, 0.0, t.c, 0.0, -t.e, t.f + t.e * profile["height"])
+    with rasterio.open(tmp_path / "south_up.tif", "w", **(profile | {"transform": south_up})) as dst:
+        dst.write(np.ascontiguousarray(data[:, ::-1]))
+    bounds = rasterio.transform.array_bounds(profile["height"], profile["width"], t)  # west, south, east, north
+    # ~16.4 Web Mercator units per pixel: ~10 m on the ground at 52.6° N
+    merc_t, w, h = calculate_default_transform(
+        profile["crs"], "EPSG:3857", profile["width"], profile["height"], *bounds, resolution=16.4
+    )
+    merc = np.zeros((3, h, w), dtype=np.uint8)
+    reproject(data, merc, src_transform=t, src_crs=profile["crs"], dst_transform=merc_t, dst_crs="EPSG:3857",
+              resampling=Resampling.nearest)  # fmt: skip
+    merc_profile = profile | {"crs": "EPSG:3857", "transform": merc_t, "width": w, "height": h}
+    with rasterio.open(tmp_path / "merc.tif", "w", **merc_profile) as dst:
+        dst.write(merc)
+    with rasterio.open(tmp_path / "merc.tif") as src:
+        assert not reads_in_place(src) and ground_scale_error(src) > 0.35  # 1 − cos(52.6°)
+    lat, lon = lonlat_of_pixel(150, 200)
+    with RasterProvider([tmp_path / "north.tif"]) as prov:
+        reference = prov.read(lat, lon, 64, 10.0).astype(int)
+    for name in ("south_up.tif", "merc.tif"):
+        with RasterProvider([tmp_path / name]) as prov:
+            img = prov.read(lat, lon, 64, 10.0)
+            assert img is not None and prov.problems == [], name
+            # the point's own pixel in the middle, and the footprint's corners 32 px (320 m) away on the ground
+            assert np.abs(img[32, 32, :2].astype(int) - (200, 150)).max() <= 2, name
+            for r, c in ((2, 2), (2, 61), (61, 2), (61, 61)):
+                assert np.abs(img[r, c, :2].astype(int) - reference[r, c, :2]).max() <= 2, (name, r, c)
+
+
 # --------------------------------------------------------------------------------------------------------
 # XYZ tiles against the fault-injecting server
 # --------------------------------------------------------------------------------------------------------

@@ -214,6 +214,11 @@ def truth_agreement(
         ok = np.isfinite(next(iter(scores[hour].values())))
         valid = ok if valid is None else valid & ok
     result.num_points = int(valid.sum())
+    if result.num_points == 0:
+        # Nothing to rank against the truth (the deciles below would fail on an empty array).
+        raise MapQueryError(
+            f"the index {index.path} has no point with imagery at zoom {zoom}: nothing to compare with the truth"
+        )
     for e in events:
         col = world.events.index(e)
         result.rho[e] = {h: spearman(scores[h][e][valid], truths[h][valid, col]) for h in result.hours}

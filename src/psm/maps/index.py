@@ -433,6 +433,13 @@ def index_progress(path: str | os.PathLike[str]) -> dict[int, tuple[int, int]]:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _shareable(path: str | os.PathLike[str]) -> None:
+    """Give a mkstemp file (0600) the umask's permissions: other users and ranks of a shared index read it."""
+    from psm.maps.render import _UMASK
+
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -440,6 +447,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        _shareable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -472,6 +480,7 @@ def write_points(grid: Grid, path: Path, chunk_size: int) -> None:
                     ),
                     row_group_size=chunk_size,
                 )
+        _shareable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

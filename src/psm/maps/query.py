@@ -496,6 +496,9 @@ def condition(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=root))
     try:
+        from psm.maps.render import _UMASK
+
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; other users reuse the cache of a shared index
         probabilistic, n_valid = _compute_conditioned(
             index, model, zoom, setting, valid, tmp, batch_size, device, precision, progress
         )
