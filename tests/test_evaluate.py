@@ -336,3 +336,67 @@ def test_psm_embed_writes_parquet(converted_checkpoint, small_world, tmp_path):
     meta = json.loads(table.schema.metadata[b"psm"])
     assert meta["zooms"] == [1, 5] and meta["probabilistic"] is True
     assert meta["split_rows"] == 13 and meta["loaded_per_zoom"] == {"1": 12, "5": 11}
+
+
+def test_unwritable_out_is_refused_before_the_run(converted_checkpoint, small_world, tmp_path, capsys, monkeypatch):
+    """An --out that cannot be written ended a finished evaluation (or embedding) with a traceback."""
+    import psm.evaluation.evaluate as evaluate_module
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the run started although its output cannot be written")
+
+    monkeypatch.setattr(evaluate_module, "evaluate_manifest", no_run)
+    monkeypatch.setattr(evaluate_module, "manifest_loaders", no_run)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    common = ["--checkpoint", str(converted_checkpoint), "--manifest", str(small_world["manifest"]), "-q"]
+    for command, out, message in [
+        ("evaluate", a_file, "exists and is not a folder"),
+        ("evaluate", a_file / "sub" / "eval", "not a writable folder"),
+        ("embed", tmp_path, "exists and is a folder"),
+        ("embed", a_file / "e.parquet", "not a writable folder"),
+    ]:
+        assert cli_main([command, *common, "--out", str(out)]) == 2, (command, out)
+        assert message in capsys.readouterr().err
+    assert a_file.read_text() == ""
+
+
+def test_model_probes_leave_out_samples_that_did_not_load_at_the_zoom():
+    """`psm embed` writes null image columns where a sample did not load; the probes failed on them with
+    numpy's "all input arrays must have the same shape"."""
+    from types import SimpleNamespace
+
+    from psm.evaluation.ceiling import AMBIENCE_COLUMNS, model_probes
+
+    rng = np.random.default_rng(0)
+    n, names = 40, ["birds", "rain"]
+    events = pd.DataFrame({"key": [f"k{i}" for i in range(n)]})
+    for e in names:
+        events[e] = rng.integers(0, 2, n).astype(float)
+        events[f"p_{e}"] = rng.uniform(size=n)
+    for c in AMBIENCE_COLUMNS:
+        events[c] = rng.uniform(size=n)
+    world = SimpleNamespace(events_table=lambda: events, events=names, path="fake-world")
+
+    def table(keys: list[str]) -> pd.DataFrame:
+        t = pd.DataFrame({"key": keys})
+        for column in ("image_features_z5", "image_mean_z5", "audio_mean"):
+            t[column] = list(rng.normal(size=(len(keys), 4)).astype(np.float32))
+        return t
+
+    train, test = table(list(events["key"][:30])), table(list(events["key"][30:]))
+    test.loc[2, "image_features_z5"] = test.loc[2, "image_mean_z5"] = None
+    probes = model_probes(world, train, test, zoom=5)
+    assert len(probes) == 6 and all(0 <= m["recall_at_10pct"] <= 1 for m in probes.values())
+
+
+def test_markdown_report_explains_the_recall_it_shows(result):
+    """With --recall-pct 5 the columns said R@5% but the note still defined R@10% as rank < N/10."""
+
+    def at5(metrics: dict) -> dict:
+        return {k.replace("10pct", "5pct"): v for k, v in metrics.items()}
+
+    rows = [{**r, "i2s": at5(r["i2s"]), "s2i": at5(r["s2i"])} for r in result["results"]]
+    md = markdown_report({**result, "recall_pct": 5.0, "results": rows})
+    assert "| z1 I2S R@5% |" in md and "R@5% = share of queries whose" in md and "< 5/100 · N" in md
+    assert "R@10%" not in md

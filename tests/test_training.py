@@ -18,6 +18,7 @@ from psm.losses import calibrated_shift
 from psm.models.checkpoint import load_checkpoint
 from psm.training.checkpoint_io import load_training_state, save_training_state
 from psm.training.sampler import StepSampler
+from psm.training.train import trainer_defaults
 
 
 def _args(manifest: Path, run: Path, steps: int, every: int) -> list[str]:
@@ -263,3 +264,119 @@ def test_lightning_logs_print_once_without_tips():
     finally:
         lightning_logger.removeHandler(handler)
         lightning_logger.propagate = before
+
+
+def _index_fit(root: Path, steps: int, *, stop_at: int | None = None, ckpt: Path | None = None) -> dict[int, list]:
+    """Fit a no-op module on ``PSMDataModule``'s step sampler over 5 items; returns the item indices per step.
+
+    Validation every 3 steps saves ``last.ckpt`` as psm runs do; ``stop_at`` kills the fit before that step.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from psm.training.datamodule import PSMDataModule
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 5
+
+        def __getitem__(self, item: tuple[int, int] | int) -> torch.Tensor:
+            return torch.tensor(item[0] if isinstance(item, tuple) else item)
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.seen = torch.nn.Parameter(torch.zeros(1)), {}
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            self.seen[self.global_step] = batch.tolist()
+            return (self.w * batch).sum()
+
+        def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+            pass
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    class Kill(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if trainer.global_step == stop_at:
+                raise RuntimeError("killed")
+
+    data = PSMDataModule(manifest="unused", batch_size=2, tokenizer=None)
+    data.setup = lambda stage=None: None  # type: ignore[method-assign]
+    data.train_set, data.val_set = Items(), Items()
+    data._collate = lambda: None  # type: ignore[method-assign]
+    module = Recorder()
+    trainer = L.Trainer(
+        callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_last=True), Kill()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **{**trainer_defaults(str(root)), "max_steps": steps, "val_check_interval": 3},
+    )
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    except RuntimeError as e:
+        assert str(e) == "killed"
+    return module.seen
+
+
+def test_resumed_run_continues_the_data_order_it_was_killed_in(tmp_path):
+    """Lightning counts the batches a resumed epoch already ran as fetched: the loader's length must include
+    them, or the resumed epoch ended early and the next one replayed the batches from the resume point."""
+    full = _index_fit(tmp_path / "full", 8)
+    assert _index_fit(tmp_path / "run", 8, stop_at=4) == {s: full[s] for s in range(4)}
+    resumed = _index_fit(tmp_path / "run", 8, ckpt=tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert resumed == {s: full[s] for s in range(3, 8)}  # from the checkpoint at step 3, each step once
+
+
+def test_best_export_takes_loss_scalars_and_step_from_the_best_checkpoint(tmp_path):
+    """export/best held the best weights but the final a, b and step of the run."""
+    from psm.models.checkpoint import read_checkpoint_config
+    from psm.training.module import PSMTrainingModule
+    from psm.training.train import export_weights
+
+    module = PSMTrainingModule(model="psm-tiny")
+    best = {k: v.clone() for k, v in module.state_dict().items()}
+    best["loss_fn.criterion.shift"] = torch.tensor([1.25])
+    with torch.no_grad():
+        module.loss_fn.criterion.shift.fill_(7.0)  # where the run ended
+    folder = export_weights(module, {"state_dict": best, "global_step": 3}, tmp_path / "best", tmp_path)
+    _, extra = load_checkpoint(folder)
+    assert float(extra["loss.criterion.shift"]) == 1.25
+    assert read_checkpoint_config(folder)[1]["step"] == 3
+
+
+def test_init_from_refuses_settings_the_checkpoint_would_ignore(tmp_path):
+    """``--model.init_from`` silently kept the checkpoint's metadata types, imagery source and overrides."""
+    from psm.models.checkpoint import save_checkpoint
+    from psm.models.factory import create_model
+    from psm.training.module import PSMTrainingModule
+
+    model = create_model("psm-tiny", overrides={"image": {"imagery_source": "sentinel2"}})
+    folder = save_checkpoint(model, tmp_path / "ckpt")
+    same = dict(imagery_source="sentinel2", metadata_types=list(model.config.metadata.types))
+    module = PSMTrainingModule(init_from=str(folder), **same)  # what the checkpoint has: fine
+    assert torch.equal(next(iter(module.model.parameters())), next(iter(model.parameters())))
+    for changed, name in [
+        ({"metadata_types": []}, "metadata.types"),
+        ({"imagery_source": "google_earth"}, "image.imagery_source"),
+        ({"model_overrides": {"fusion": {"layers": 2}}}, "fusion.layers"),
+        ({"satmae_checkpoint": "pretrain.pth"}, "satmae_checkpoint"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            PSMTrainingModule(init_from=str(folder), **{**same, **changed})
+
+
+def test_each_step_seeds_the_global_rng_that_dropout_draws_from():
+    """Dropout used the global RNG as the process left it: a resumed run took other masks than an
+    uninterrupted one (loaders and validation draw from it too, and no checkpoint holds its state)."""
+    from psm.training.module import PSMTrainingModule
+
+    module = PSMTrainingModule(model="psm-tiny")
+    module.on_train_batch_start(None, 0)
+    first = torch.rand(4)
+    torch.rand(100)  # whatever else ran in between
+    module.on_train_batch_start(None, 0)
+    assert torch.equal(torch.rand(4), first)

@@ -15,11 +15,14 @@ split: swapping the truth for a tower's embedding shows how much that tower lose
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from psm.evaluation.retrieval import retrieval_metrics
+
+log = logging.getLogger(__name__)
 
 AMBIENCE_COLUMNS = ("amb_urban", "amb_foliage", "amb_water")
 AMBIENCE_SCALE = 0.05  # squared-difference scale of the ambience term (the keynotes are fractions in 0..1)
@@ -140,6 +143,17 @@ def model_probes(
     truth_columns = [f"p_{e}" for e in names] + list(AMBIENCE_COLUMNS)
 
     def sides(table: Any) -> dict[str, np.ndarray]:
+        columns = [f"image_features_z{zoom}", f"image_mean_z{zoom}", "audio_mean"]
+        absent = [c for c in columns if c not in table.columns]
+        if absent:
+            raise ValueError(f"the embeddings have no column {absent[0]!r} (psm embed --zoom {zoom})")
+        # psm embed leaves a sample's image columns null at a zoom where it did not load: no row to probe.
+        loaded = table[columns].notna().all(axis=1)
+        if not loaded.all():
+            log.warning(
+                "%d of %d embedded samples did not load at zoom %s: left out", (~loaded).sum(), len(table), zoom
+            )
+            table = table[loaded]
         keys = table["key"].to_numpy()
         missing = [k for k in keys if k not in events.index]
         if missing:
@@ -155,8 +169,6 @@ def model_probes(
             ("model image", f"image_mean_z{zoom}"),
             ("model audio", "audio_mean"),
         ):
-            if column not in table.columns:
-                raise ValueError(f"the embeddings have no column {column!r} (psm embed --zoom {zoom})")
             out[side] = np.stack(table[column].to_numpy()).astype(np.float64)
         return out
 

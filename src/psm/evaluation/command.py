@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,17 @@ def _resolve_tokenizer(checkpoint: Path, tokenizer: str | None, needs_text: bool
     )
 
 
+def _check_out(path: Path, folder: bool) -> None:
+    """Refuse an output path that cannot be written before the (long) run, not with a traceback after it."""
+    if path.exists() and path.is_dir() != folder:
+        raise _UsageError(f"--out {path}: exists and is {'not ' if folder else ''}a folder")
+    parent = path.parent
+    while not parent.exists():  # the folders still to create go into the first one that exists
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise _UsageError(f"--out {path}: cannot create it in {parent} (not a writable folder)")
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from psm.models.checkpoint import CheckpointError, load_checkpoint
 
@@ -61,7 +73,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from psm.evaluation.evaluate import evaluate_manifest
     from psm.evaluation.report import markdown_report, write_metrics
 
+    out = Path(args.out) if args.out else Path(f"{Path(args.checkpoint)}-eval-{args.split or 'all'}")
     try:
+        _check_out(out, folder=True)
         model, tokenizer, device = _load(args)
         result = evaluate_manifest(
             model,
@@ -82,8 +96,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except (_UsageError, ManifestError, DataError, ValueError, FileNotFoundError) as e:
         print(f"psm evaluate: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(f"{Path(args.checkpoint)}-eval-{args.split or 'all'}")
-    js, md = write_metrics(result, out)
+    try:
+        js, md = write_metrics(result, out)
+    except OSError as e:
+        print(f"psm evaluate: cannot write the metrics to {out}: {e}", file=sys.stderr)
+        return 1
     print(markdown_report(result))
     print(f"wrote {js} and {md}")
     return 0
@@ -96,6 +113,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from psm.evaluation.evaluate import count_split_rows, manifest_loaders, source_zoom_levels
 
     try:
+        _check_out(Path(args.out), folder=False)
         model, tokenizer, device = _load(args)
         source = args.imagery_source or model.config.image.imagery_source
         zooms = tuple(args.zoom) if args.zoom else source_zoom_levels(source)
@@ -132,7 +150,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             "loaded_per_zoom": loaded,
         },
     )
-    path = write_parquet_atomic(table, args.out)
+    try:
+        path = write_parquet_atomic(table, args.out)
+    except OSError as e:
+        print(f"psm embed: cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {len(emb)} samples × {table.num_columns} columns to {path}")
     skipped = {z: expected - n for z, n in loaded.items()}
     if any(skipped.values()):

@@ -86,8 +86,9 @@ def markdown_report(result: dict[str, Any]) -> str:
         notes.append(f"Split rows: {s['expected']}; skipped by the data error policy: {skipped}.")
     if s.get("num_problems"):
         notes.append(f"{s['num_problems']} data problems reported (see metrics.json `samples.problems`).")
+    pct = result.get("recall_pct", 10.0)
     notes.append(
-        "R@10% = share of queries whose 1-based, tie-averaged rank is < N/10; MedR = median rank "
+        f"R@{pct:g}% = share of queries whose 1-based, tie-averaged rank is < {pct:g}/100 · N; MedR = median rank "
         "(official definitions). '+ text' adds the sample's caption to the query."
     )
     parts = [title, "", *notes, "", retrieval_table(result)]

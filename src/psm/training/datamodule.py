@@ -20,6 +20,11 @@ from psm.training.sampler import StepSampler
 TOKENIZER_DIR = "tokenizer"
 
 
+def _batches_run_in_epoch(trainer: L.Trainer) -> int:
+    """Batches of the current epoch that a resumed fit already ran (Lightning counts them as fetched)."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+
 class PSMDataModule(L.LightningDataModule):
     """Batches of one imagery source from a manifest's ``train`` and ``val`` splits, or from tar shards.
 
@@ -205,6 +210,9 @@ class PSMDataModule(L.LightningDataModule):
         if trainer.max_steps is None or trainer.max_steps < 0:
             raise ValueError("psm training is step based: set trainer.max_steps")
         # The sampler starts where the (possibly resumed) run stands: same data order, same step count.
+        # Lightning resumes an epoch by counting the batches it already ran toward the loader's length (it
+        # expects a loader that resumes itself, as this one does): the length must include them, or the
+        # resumed epoch ends early and the next one replays the data from the resume point.
         sampler = StepSampler(
             len(self.train_set),
             self.hparams.batch_size,
@@ -213,6 +221,7 @@ class PSMDataModule(L.LightningDataModule):
             world_size=trainer.world_size,
             start_step=trainer.global_step * accumulate,
             end_step=trainer.max_steps * accumulate,
+            counted_steps=_batches_run_in_epoch(trainer),
         )
         return DataLoader(
             self.train_set,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning as L
@@ -33,6 +34,18 @@ def use_fused_adamw(on_gpu: bool, gradient_clip_val: float | None) -> bool:
     gradients of an optimizer that unscales them inside its own step, as the fused one does.
     """
     return bool(on_gpu and not gradient_clip_val)
+
+
+def _differing_settings(config: Mapping[str, Any], overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the ``overrides`` whose values differ from those of ``config`` (a model config dict)."""
+    out = []
+    for key, value in overrides.items():
+        current = config.get(key) if isinstance(config, Mapping) else None
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            out += _differing_settings(current, value, f"{prefix}{key}.")
+        elif (list(value) if isinstance(value, tuple) else value) != current:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 class PSMTrainingModule(L.LightningModule):
@@ -100,6 +113,15 @@ class PSMTrainingModule(L.LightningModule):
         overrides.setdefault("probabilistic", loss == "pcmepp")
         if init_from:
             self.model = create_model(init_from)
+            # A checkpoint folder fixes the architecture: settings it would silently ignore are refused.
+            ignored = _differing_settings(self.model.config.to_dict(), overrides)
+            if satmae_checkpoint:
+                ignored.append("satmae_checkpoint")
+            if ignored:
+                raise ValueError(
+                    f"model.init_from {init_from}: the checkpoint fixes the architecture, but the run also sets "
+                    f"{', '.join(ignored)} to something else; drop them or start a new model"
+                )
         else:
             self.model = create_model(model, overrides=overrides, satmae_checkpoint=satmae_checkpoint, seed=seed)
         compile_mode = "encoders" if compile is True else (compile or None)
@@ -146,10 +168,13 @@ class PSMTrainingModule(L.LightningModule):
             self.loss_fn.criterion.shift.fill_(b)
 
     # --- batches ----------------------------------------------------------------------------------------
+    def _step_seed(self, salt: int) -> int:
+        """A seed private to this step, rank and use (``salt``)."""
+        return (self.hparams.seed * 1_000_003 + self.global_step * 7919 + self.global_rank * 104_729 + salt) % 2**63
+
     def _generator(self, salt: int) -> torch.Generator:
         """A CPU generator private to this step and rank (reproducible augmentation and metadata dropout)."""
-        seed = (self.hparams.seed * 1_000_003 + self.global_step * 7919 + self.global_rank * 104_729 + salt) % 2**63
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator().manual_seed(self._step_seed(salt))
 
     def audio_inputs(self, batch: Batch, train: bool) -> tuple[Tensor, Tensor]:
         """CLAP fusion features on the training device (random chunks in training, fixed in validation)."""
@@ -192,6 +217,11 @@ class PSMTrainingModule(L.LightningModule):
             self.log("samples_per_s", bs * self.trainer.world_size / (now - self._last_step_time), prog_bar=True)
         self._last_step_time = now
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout layers draw from the global RNG, whose state no checkpoint holds (and loaders and validation
+        # draw from it too): seeded per step, a resumed run takes the same masks as an uninterrupted one.
+        torch.manual_seed(self._step_seed(3))
 
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

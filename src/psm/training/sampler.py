@@ -16,7 +16,11 @@ from torch.utils.data import Sampler
 
 
 class StepSampler(Sampler[tuple[int, int]]):
-    """Yields ``(index, epoch)`` for steps ``start_step … end_step − 1`` of one rank."""
+    """Yields ``(index, epoch)`` for steps ``start_step … end_step − 1`` of one rank.
+
+    ``counted_steps`` are steps of the loader's epoch that ran before ``start_step``: they count toward
+    ``len()`` but are not yielded again (Lightning adds them to what it fetches when it resumes an epoch).
+    """
 
     def __init__(
         self,
@@ -28,12 +32,13 @@ class StepSampler(Sampler[tuple[int, int]]):
         world_size: int = 1,
         start_step: int = 0,
         end_step: int,
+        counted_steps: int = 0,
     ) -> None:
         if n <= 0:
             raise ValueError("cannot sample from an empty dataset")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.start_step, self.end_step = start_step, end_step
+        self.start_step, self.end_step, self.counted_steps = start_step, end_step, counted_steps
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
 
@@ -45,7 +50,7 @@ class StepSampler(Sampler[tuple[int, int]]):
         return self._perm
 
     def __len__(self) -> int:
-        return max(0, self.end_step - self.start_step) * self.batch_size
+        return (max(0, self.end_step - self.start_step) + self.counted_steps) * self.batch_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for step in range(self.start_step, self.end_step):

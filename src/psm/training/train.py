@@ -29,15 +29,21 @@ log = logging.getLogger(__name__)
 MONITOR = "val/i2s_r10"
 
 
-def export_weights(module: PSMTrainingModule, state_dict: dict[str, Any] | None, out: Path, run_dir: Path) -> Path:
-    """Write the module's model (optionally with another state dict) as a psm checkpoint folder."""
+def export_weights(module: PSMTrainingModule, checkpoint: dict[str, Any] | None, out: Path, run_dir: Path) -> Path:
+    """Write the module's model, or that of a training checkpoint of it, as a psm checkpoint folder."""
     model = module.model
-    if state_dict is not None:
+    loss_state, step = module.loss_fn.state_dict(), module.global_step
+    if checkpoint is not None:
+        # Everything from the checkpoint: the loss's a, b (τ) and the step are those of its weights, not the
+        # module's current ones.
+        state_dict = checkpoint["state_dict"]
         weights = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
         model = type(model)(model.config)
         model.load_state_dict(weights)
-    extra = {f"loss.{k}": v for k, v in module.loss_fn.state_dict().items()}
-    folder = save_checkpoint(model, out, extra_tensors=extra, info={"step": module.global_step}, overwrite=True)
+        loss_state = {k[len("loss_fn.") :]: v for k, v in state_dict.items() if k.startswith("loss_fn.")}
+        step = checkpoint["global_step"]
+    extra = {f"loss.{k}": v for k, v in loss_state.items()}
+    folder = save_checkpoint(model, out, extra_tensors=extra, info={"step": step}, overwrite=True)
     tokenizer = run_dir / TOKENIZER_DIR
     if tokenizer.is_dir():
         shutil.copytree(tokenizer, folder / TOKENIZER_DIR, dirs_exist_ok=True)
@@ -58,8 +64,7 @@ class ExportCheckpoints(Callback):
         export_weights(module, None, run_dir / "export" / "last", run_dir)
         best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.best_model_path), "")
         if best and Path(best).is_file():
-            state = load_training_state(best)["state_dict"]
-            export_weights(module, state, run_dir / "export" / "best", run_dir)
+            export_weights(module, load_training_state(best), run_dir / "export" / "best", run_dir)
         report = getattr(trainer.datamodule, "skipped_report", None)
         count, where = report() if report is not None else (0, [])
         if count:
