@@ -157,5 +157,13 @@ def run_training(argv: Sequence[str]) -> int:
             print(f"psm train: --resume but no {last}; starting fresh")
         else:
             ckpt_path = str(last)
-    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    with warnings.catch_warnings():
+        # Lightning's own use of torch's deprecated LeafSpec: nothing a psm user can act on.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        if getattr(cli.datamodule.hparams, "shards", None) is None:
+            # A manifest run's loader resumes itself (StepSampler starts at the checkpoint's step), which
+            # Lightning cannot see: its "dataloader is not resumable" warning would be wrong. (Shards stream, and
+            # there it is right.)
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return 0
