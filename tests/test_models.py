@@ -262,7 +262,7 @@ def test_deferred_mel_norm_affine_equals_hf_htsat(training):
     HF's outputs, gradients and running statistics; fails if the swap is removed or either step is wrong."""
     import copy
 
-    from transformers.models.clap.modeling_clap import ClapAudioEncoder
+    from transformers.models.clap.modeling_clap import ClapAudioEncoder, ClapAudioPatchEmbed
 
     from psm.models.clap import _ClapAudioEncoderDeferredNorm, _MelNormDeferredAffine
 
@@ -275,7 +275,12 @@ def test_deferred_mel_norm_affine_equals_hf_htsat(training):
     plain = torch.nn.BatchNorm2d(encoder.batch_norm.num_features)
     plain.load_state_dict(ref_encoder.batch_norm.state_dict())
     ref_encoder.batch_norm, ref_encoder.__class__ = plain, ClapAudioEncoder
+    ref_encoder.patch_embed.__class__ = ClapAudioPatchEmbed
+    ref_encoder.patch_embed.proj.__class__ = ref_encoder.patch_embed.mel_conv2d.__class__ = torch.nn.Conv2d
     assert list(ours.state_dict()) == list(reference.state_dict())  # same checkpoint keys
+    # The tiny config's full-band patches take the affine into the patch convs: the image needs no gradient.
+    image_needs_grad = []
+    encoder.patch_embed.register_forward_pre_hook(lambda m, args: image_needs_grad.append(args[0].requires_grad))
     with torch.no_grad():  # a non-trivial affine, so a wrong order would show
         for m in (encoder.batch_norm, plain):
             m.weight.copy_(torch.linspace(0.5, 2.0, m.num_features))
@@ -289,6 +294,7 @@ def test_deferred_mel_norm_affine_equals_hf_htsat(training):
     torch.manual_seed(0)
     ref = reference(input_features=feats, is_longer=longer).audio_embeds
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+    assert image_needs_grad == [False]
     (out * torch.arange(out.shape[1])).sum().backward()
     (ref * torch.arange(ref.shape[1])).sum().backward()
     for (name, a), (_, b) in zip(ours.named_parameters(), reference.named_parameters(), strict=True):
@@ -305,6 +311,20 @@ def test_deferred_mel_norm_affine_equals_hf_htsat(training):
     torch.manual_seed(1)
     reference(input_features=x2, is_longer=longer).audio_embeds.sum().backward()
     assert torch.allclose(x1.grad, x2.grad, atol=1e-6, rtol=1e-3)
+
+
+def test_row_affine_folding_only_where_kernels_cover_one_mel_segment():
+    """The paper's 4×4 patches see a different mel bin per kernel row at each stride: no folding there."""
+    from psm.models.clap import _folds_row_affine
+    from psm.models.config import load_model_config
+
+    embed = create_model("psm-tiny", seed=0).audio.tower.clap.audio_model.audio_encoder.patch_embed
+    assert _folds_row_affine(embed.proj, 64) and _folds_row_affine(embed.mel_conv2d, 64)
+    from transformers import ClapAudioConfig
+
+    paper = ClapAudioConfig(**load_model_config("psm-paper").audio.hf_config)
+    conv = torch.nn.Conv2d(1, 8, paper.patch_size, stride=paper.patch_stride)
+    assert not _folds_row_affine(conv, 64)
 
 
 def test_stretch_frames_is_hf_bicubic_bit_for_bit():

@@ -17,7 +17,7 @@ from transformers import (
     ClapTextConfig,
     ClapTextModelWithProjection,
 )
-from transformers.models.clap.modeling_clap import ClapAudioEncoder
+from transformers.models.clap.modeling_clap import ClapAudioEncoder, ClapAudioPatchEmbed
 
 from psm.models.config import ClapTowerConfig
 
@@ -109,11 +109,55 @@ class _MelNormDeferredAffine(nn.BatchNorm2d):
         return out.view(rows.shape).transpose(1, 3) if flat else out
 
 
+class _RowAffineConv2d(nn.Conv2d):
+    """A patch-embedding conv that can take the input norm's per-mel-bin affine into its weights for one call.
+
+    When each kernel covers exactly one stacked 64-bin segment of HTSAT's mel image (kernel rows = stride rows =
+    mel bins, no row padding), kernel row i always sees mel bin i, so
+    conv(γ·x̂ + β) = conv_{W·γ}(x̂) + (b + Σ W·β) exactly. The image then carries no gradient: the backward
+    pass no longer builds gradients of the whole (B, 4, 256, 256) image (index, slice and conv-input
+    backward: half of the tiny audio tower's CPU step) just to reach γ and β. Same parameters as the Conv2d
+    it replaces.
+    """
+
+    folded_affine: tuple[Tensor, Tensor] | None = None  # (γ, β) per kernel row, set by the patch embedding
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.folded_affine is None:
+            return super().forward(x)
+        gamma, beta = (v.view(1, 1, -1, 1) for v in self.folded_affine)
+        bias = (self.weight * beta).sum((1, 2, 3))
+        return self._conv_forward(x, self.weight * gamma, bias if self.bias is None else bias + self.bias)
+
+
+class _ClapAudioPatchEmbedFoldedNorm(ClapAudioPatchEmbed):
+    """HF's patch embedding whose two convs apply a pending input affine (see :class:`_RowAffineConv2d`)."""
+
+    pending_affine: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, hidden_states: Tensor, is_longer_idx: Tensor | None = None) -> Tensor:
+        affine, self.pending_affine = self.pending_affine, None
+        convs = [c for c in (self.proj, getattr(self, "mel_conv2d", None)) if isinstance(c, _RowAffineConv2d)]
+        for conv in convs:
+            conv.folded_affine = affine
+        try:
+            return super().forward(hidden_states, is_longer_idx)
+        finally:
+            for conv in convs:
+                conv.folded_affine = None
+
+
+def _folds_row_affine(conv: nn.Conv2d, n_mels: int) -> bool:
+    """Whether every application of ``conv`` covers exactly the rows of one mel segment, bin i at kernel row i."""
+    return conv.kernel_size[0] == conv.stride[0] == n_mels and conv.padding[0] == 0 and conv.dilation[0] == 1
+
+
 class _ClapAudioEncoderDeferredNorm(ClapAudioEncoder):
     """HF's CLAP audio encoder whose mel2img step applies the input norm's deferred affine (see above)."""
 
     def reshape_mel2img(self, normalized_input_features: Tensor) -> Tensor:
         norm = self.batch_norm
+        self.patch_embed.pending_affine = None
         if not getattr(norm, "pending_affine", False):
             return super().reshape_mel2img(normalized_input_features)
         norm.pending_affine = False
@@ -122,12 +166,19 @@ class _ClapAudioEncoderDeferredNorm(ClapAudioEncoder):
         spec_width = int(self.spec_size * self.freq_ratio)
         if freq_length == self.spec_size // self.freq_ratio and time_length < spec_width:
             x = stretch_frames(x, spec_width)  # HF's bicubic call, outside autograd and without repeats
+        embed = self.patch_embed
+        convs = [c for c in (embed.proj, getattr(embed, "mel_conv2d", None)) if c is not None]
+        if freq_length == self.spec_size // self.freq_ratio and all(
+            isinstance(c, _RowAffineConv2d) and _folds_row_affine(c, freq_length) for c in convs
+        ):
+            embed.pending_affine = (norm.weight, norm.bias)  # the convs apply it: the image needs no gradient
+            return super().reshape_mel2img(x)
         # (A frequency interpolation would mix bins with different γ: then the affine goes first.)
         return super().reshape_mel2img(x * norm.weight + norm.bias)
 
 
 def _defer_mel_norm_affine(encoder: nn.Module) -> None:
-    """Swap HTSAT's input BatchNorm and encoder class for the equivalents above, in place."""
+    """Swap HTSAT's input BatchNorm, encoder, patch embedding and its convs for the equivalents above, in place."""
     old = encoder.batch_norm
     new = _MelNormDeferredAffine(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats)
     new.load_state_dict(old.state_dict())
@@ -135,6 +186,11 @@ def _defer_mel_norm_affine(encoder: nn.Module) -> None:
     new.requires_grad_(any(p.requires_grad for p in old.parameters()))
     encoder.batch_norm = new
     encoder.__class__ = _ClapAudioEncoderDeferredNorm
+    # The patch embedding's convs may fold that affine into their weights (same parameters, same keys).
+    encoder.patch_embed.__class__ = _ClapAudioPatchEmbedFoldedNorm
+    for conv in (encoder.patch_embed.proj, getattr(encoder.patch_embed, "mel_conv2d", None)):
+        if conv is not None:
+            conv.__class__ = _RowAffineConv2d
 
 
 class AudioTower(nn.Module):
