@@ -260,23 +260,18 @@ def test_logvar_hidden_bias_init_lets_sigma_train():
 def test_deferred_mel_norm_affine_equals_hf_htsat(training):
     """psm's HTSAT input norm (affine after the time interpolation, repeated channels stretched once) gives
     HF's outputs, gradients and running statistics; fails if the swap is removed or either step is wrong."""
-    import copy
+    from transformers.models.clap.modeling_clap import ClapAudioEncoder
 
-    from transformers.models.clap.modeling_clap import ClapAudioEncoder, ClapAudioPatchEmbed
-
-    from psm.models.clap import _ClapAudioEncoderDeferredNorm, _MelNormDeferredAffine
+    from psm.models.clap import _ClapAudioEncoderDeferredNorm, _MelNormDeferredAffine, hf_audio_model
 
     ours = create_model("psm-tiny", seed=0).audio.tower.clap
     encoder = ours.audio_model.audio_encoder
     assert isinstance(encoder, _ClapAudioEncoderDeferredNorm)
     assert isinstance(encoder.batch_norm, _MelNormDeferredAffine)
-    reference = copy.deepcopy(ours)
+    reference = hf_audio_model(ours)
     ref_encoder = reference.audio_model.audio_encoder
-    plain = torch.nn.BatchNorm2d(encoder.batch_norm.num_features)
-    plain.load_state_dict(ref_encoder.batch_norm.state_dict())
-    ref_encoder.batch_norm, ref_encoder.__class__ = plain, ClapAudioEncoder
-    ref_encoder.patch_embed.__class__ = ClapAudioPatchEmbed
-    ref_encoder.patch_embed.proj.__class__ = ref_encoder.patch_embed.mel_conv2d.__class__ = torch.nn.Conv2d
+    assert type(ref_encoder) is ClapAudioEncoder and type(ref_encoder.patch_embed.proj) is torch.nn.Conv2d
+    plain = ref_encoder.batch_norm
     assert list(ours.state_dict()) == list(reference.state_dict())  # same checkpoint keys
     # The tiny config's full-band patches take the affine into the patch convs: the image needs no gradient.
     image_needs_grad = []

@@ -193,6 +193,24 @@ def _defer_mel_norm_affine(encoder: nn.Module) -> None:
             conv.__class__ = _RowAffineConv2d
 
 
+def hf_audio_model(clap: nn.Module) -> nn.Module:
+    """A copy of a psm CLAP audio model in HF's own classes (plain input BatchNorm, encoder, patch embedding
+    and convs): the same weights and outputs, the baseline for psm's equivalence tests and benchmarks."""
+    import copy
+
+    plain = copy.deepcopy(clap)
+    encoder = plain.audio_model.audio_encoder
+    norm = nn.BatchNorm2d(encoder.batch_norm.num_features, encoder.batch_norm.eps, encoder.batch_norm.momentum)
+    norm.load_state_dict(encoder.batch_norm.state_dict())
+    norm.train(encoder.batch_norm.training)
+    encoder.batch_norm, encoder.__class__ = norm, ClapAudioEncoder
+    encoder.patch_embed.__class__ = ClapAudioPatchEmbed
+    for conv in (encoder.patch_embed.proj, getattr(encoder.patch_embed, "mel_conv2d", None)):
+        if conv is not None:
+            conv.__class__ = nn.Conv2d
+    return plain
+
+
 class AudioTower(nn.Module):
     """CLAP HTSAT audio encoder + CLAP projection → (B, embed_dim), not normalised (as HF returns it)."""
 
