@@ -281,3 +281,47 @@ def test_validate_catches_a_raster_window_the_dataset_cannot_read_at_the_edge(tm
     report = validate_manifest(tmp_path / "m.csv")  # ... so validation must say so
     assert report.bad_rows == {1}
     assert "partly outside the raster" in report.errors[0].reason
+
+
+def test_sixteen_bit_multiband_rasters_train_validate_and_pack_with_bands_and_scale(tmp_path, capsys):
+    """A Sentinel-2 L2A-like GeoTIFF (uint16 reflectance × 10,000, bands blue, green, red, NIR) is usable from a
+    manifest: --bands 3 2 1 --scale 0 3000 in validate and pack, RasterBands in the dataset. Without them it
+    is refused by name (before, nothing in the manifest path could pass them)."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.warp import transform
+
+    from psm.data.imagery import RasterBands
+    from psm.training.datamodule import PSMDataModule
+
+    size, left, top = 1400, 400_000.0, 5_800_000.0
+    values = np.stack([np.full((size, size), v, dtype=np.uint16) for v in (300, 1500, 3000, 6000)])  # B G R NIR
+    profile = dict(driver="GTiff", height=size, width=size, count=4, dtype="uint16", crs="EPSG:32633")
+    with rasterio.open(tmp_path / "s2.tif", "w", transform=from_origin(left, top, 10, 10), **profile) as dst:
+        dst.write(values)
+    rows = _write_good_files(tmp_path, 2)
+    for r in rows:
+        (lon,), (lat,) = transform("EPSG:32633", "EPSG:4326", [left + 10 * 700.5], [top - 10 * 700.5])
+        r.update(latitude=lat, longitude=lon, image_sentinel2="s2.tif")
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    manifest = str(tmp_path / "m.csv")
+
+    report = validate_manifest(manifest)
+    assert report.bad_rows == {0, 1} and "scale" in report.errors[0].reason and "s2.tif" in report.errors[0].reason
+    s2 = RasterBands((3, 2, 1), (0, 3000))
+    assert validate_manifest(manifest, raster=s2).ok
+    assert cli_main(["data", "validate", manifest]) == 1
+    assert cli_main(["data", "validate", manifest, "--bands", "3", "2", "1", "--scale", "0", "3000"]) == 0
+    assert cli_main(["data", "validate", manifest, "--scale", "3000", "0"]) == 2  # a bad scale is a usage error
+
+    ds = ManifestDataset(manifest, imagery_source="sentinel2", train=False, zoom=1, input_size=32, raster=s2)
+    image = ds[0].image  # ImageNet-normalised RGB: red 3000 → 255, green 1500 → 128, blue 300 → 26
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    rgb = (image.mean(dim=(1, 2)) * std + mean) * 255
+    assert torch.allclose(rgb, torch.tensor([255.0, 128.0, 26.0]), atol=1.5)
+
+    out = tmp_path / "shards"
+    argv = ["data", "pack", manifest, str(out), "--bands", "3", "2", "1", "--scale", "0", "3000"]
+    assert cli_main(argv) == 0 and "2 samples" in capsys.readouterr().out.replace(",", "")
+    with pytest.raises(ValueError, match="3 bands"):
+        PSMDataModule(manifest=manifest, raster_bands=(1, 2))

@@ -57,17 +57,31 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raster_bands(args: argparse.Namespace, command: str) -> object | None:
+    """The --bands / --scale of a data command, or None (after an error message) when they are invalid."""
+    from psm.data.imagery import RasterBands
+
+    try:
+        return RasterBands(args.bands, args.scale)
+    except ValueError as e:
+        print(f"psm data {command}: {e}", file=sys.stderr)
+        return None
+
+
 def _cmd_data_validate(args: argparse.Namespace) -> int:
     from psm.data.manifest import ManifestError, validate_manifest
     from psm.data.metadata import MetadataSpec
 
+    raster = _raster_bands(args, "validate")
+    if raster is None:
+        return 2
     spec = MetadataSpec()
     if args.model:
         from psm.models.config import load_model_config
 
         spec = load_model_config(args.model).metadata
     try:
-        report = validate_manifest(args.manifest, spec=spec, decode=not args.no_decode)
+        report = validate_manifest(args.manifest, spec=spec, decode=not args.no_decode, raster=raster)
     except ManifestError as e:
         print(f"psm data validate: {e}", file=sys.stderr)
         return 2
@@ -82,9 +96,12 @@ def _cmd_data_pack(args: argparse.Namespace) -> int:
     from psm.data.manifest import ManifestError, manifest_records
     from psm.data.shards import ShardWriteError, pack_records
 
+    raster = _raster_bands(args, "pack")
+    if raster is None:
+        return 2
     log = SkipLog(args.report or f"{args.out_dir}/skipped")
     records = manifest_records(
-        args.manifest, args.imagery_source, split=args.split, on_error=args.on_error, skip_log=log
+        args.manifest, args.imagery_source, split=args.split, on_error=args.on_error, skip_log=log, raster=raster
     )
     try:
         report = pack_records(
@@ -220,11 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-incomplete", action="store_true", help="serve an unfinished index (missing = nodata)")
     p.set_defaults(func=_cmd_serve)
 
+    from psm.data.imagery_sources import add_raster_arguments
+
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("validate", help="check a manifest: schema, value ranges, every file exists and decodes")
     p.add_argument("manifest")
     p.add_argument("--model", help="architecture or YAML whose metadata vocabularies to check against")
     p.add_argument("--no-decode", action="store_true", help="only check that files exist (faster)")
+    add_raster_arguments(p)
     p.add_argument(
         "--on-error",
         choices=("raise", "skip"),
@@ -240,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="only rows of this split (the manifest's split column)")
     p.add_argument("--prefix", help="shard name prefix (default: the split, or 'train')")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    add_raster_arguments(p)
     p.add_argument("--on-error", choices=("raise", "skip"), default="skip")
     p.add_argument("--report", help="path stem of the skipped-rows report (default OUT_DIR/skipped)")
     p.add_argument("--overwrite", action="store_true")

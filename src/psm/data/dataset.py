@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
@@ -19,6 +19,9 @@ from psm.data.errors import DataError, DataProblem, OnError, SkipLog, check_on_e
 from psm.data.imagery_sources import get_imagery_source
 from psm.data.manifest import RASTER_SUFFIXES, ManifestRow, iter_rows, read_manifest
 from psm.data.metadata import MetadataSpec
+
+if TYPE_CHECKING:
+    from psm.data.imagery import RasterBands
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -46,6 +49,7 @@ class ManifestDataset(Dataset):
         time_missing_means_midnight: bool = True,
         audio_features: bool = False,
         cache: bool = False,
+        raster: RasterBands | None = None,
     ) -> None:
         """``audio_features=True`` computes CLAP fusion features per sample here (in DataLoader workers,
         overlapping the model on CPU training); otherwise samples carry waveforms for the training device.
@@ -56,7 +60,13 @@ class ManifestDataset(Dataset):
         trained for many epochs on a CPU (the offline world: ~1.5 GB for 2,222 samples): after the first
         epoch a sample costs its transforms and chunk draws only.
         Needs persistent DataLoader workers (or none) to survive from one epoch to the next.
+
+        ``raster`` (:class:`psm.data.imagery.RasterBands`) says which bands of georeferenced rasters are RGB and
+        how non-uint8 values map to 0–255 (default: bands 1, 2, 3 of a uint8 raster).
         """
+        from psm.data.imagery import RasterBands
+
+        self.raster = raster if raster is not None else RasterBands()
         self.path = Path(manifest)
         self._cache: dict[tuple, Any] | None = {} if cache else None
         self.audio_features = audio_features
@@ -137,6 +147,7 @@ class ManifestDataset(Dataset):
                     row.metadata["longitude"],
                     size_px=self.source.tile_size,
                     gsd_m=zoom * self.source.base_gsd_m,
+                    **self.raster.read_kwargs(),
                 ),
             )
             transform = TrainTransform(self.input_size) if self.train else EvalTransform(self.input_size)

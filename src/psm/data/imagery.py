@@ -394,6 +394,30 @@ def _open_raster(path: PathLike) -> DatasetReader:
         raise ImageryError(f"cannot open raster {os.fspath(path)}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class RasterBands:
+    """How a georeferenced raster becomes an RGB tile: which bands are R, G, B (1-based), and for values that are
+    not uint8 the range ``scale=(lo, hi)`` mapped linearly to 0–255 (e.g. (0, 3000) for Sentinel-2 L2A
+    reflectance × 10,000 in bands (4, 3, 2) of a 13-band file)."""
+
+    bands: tuple[int, ...] = (1, 2, 3)
+    scale: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))
+        if len(self.bands) != 3:
+            raise ValueError(f"raster bands must name 3 bands (R G B), got {list(self.bands)}")
+        if self.scale is not None:
+            lo, hi = (float(v) for v in self.scale)
+            if not hi > lo:
+                raise ValueError(f"raster scale must be (lo, hi) with hi > lo, got {self.scale!r}")
+            object.__setattr__(self, "scale", (lo, hi))
+
+    def read_kwargs(self) -> dict[str, object]:
+        """Keyword arguments of :func:`read_raster_window` and :func:`read_tile_for_zoom`."""
+        return {"bands": self.bands, "scale": self.scale}
+
+
 def _check_bands_and_dtype(
     src: DatasetReader, name: str, bands: Sequence[int], scale: tuple[float, float] | None
 ) -> None:

@@ -7,6 +7,7 @@ takes ``zoom × tile_size`` raw pixels before resizing back to ``tile_size`` (of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,16 @@ def get_imagery_source(name: str) -> ImagerySource:
         return _BY_OFFICIAL[name]
     known = sorted(IMAGERY_SOURCES) + sorted(_BY_OFFICIAL)
     raise ValueError(f"unknown imagery source {name!r}; known: {', '.join(known)}")
+
+
+def add_raster_arguments(parser: Any) -> None:
+    """``--bands R G B`` and ``--scale LO HI``: how georeferenced rasters become RGB tiles (one definition for
+    every command that reads them; :class:`psm.data.imagery.RasterBands`)."""
+    parser.add_argument("--bands", type=int, nargs=3, default=[1, 2, 3], help="raster bands as R G B (1-based)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="map non-uint8 raster values LO..HI to 0..255, e.g. 0 3000 for Sentinel-2 L2A reflectance x 10000",
+    )

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -21,6 +22,9 @@ from psm.data.dates import parse_date
 from psm.data.errors import DataProblem
 from psm.data.imagery_sources import IMAGERY_SOURCES, get_imagery_source
 from psm.data.metadata import MetadataSpec
+
+if TYPE_CHECKING:  # (imagery imports rasterio and torch: only when a file is read)
+    from psm.data.imagery import RasterBands
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "key",
@@ -216,12 +220,18 @@ class ValidationReport:
 
 
 def check_files(
-    row: ManifestRow, file: str, decode: bool = True, zoom_levels: dict[str, tuple[int, ...]] | None = None
+    row: ManifestRow,
+    file: str,
+    decode: bool = True,
+    zoom_levels: dict[str, tuple[int, ...]] | None = None,
+    raster: RasterBands | None = None,
 ) -> list[DataProblem]:
-    """Check that the row's audio and images exist and decode, and that images are large enough."""
+    """Check that the row's audio and images exist and decode, and that images are large enough; rasters are
+    read with ``raster`` (:class:`psm.data.imagery.RasterBands`: bands and value scale, default RGB uint8)."""
     from psm.data.audio import AudioDecodeError, load_audio
-    from psm.data.imagery import ImageryError, load_image, read_raster_window, read_tile_for_zoom
+    from psm.data.imagery import ImageryError, RasterBands, load_image, read_raster_window, read_tile_for_zoom
 
+    read_kwargs = (raster or RasterBands()).read_kwargs()
     problems = []
 
     def bad(column: str, path: Path, reason: str) -> None:
@@ -246,11 +256,13 @@ def check_files(
         try:
             if path.suffix.lower() in RASTER_SUFFIXES:
                 lat, lon = row.metadata["latitude"], row.metadata["longitude"]
-                read_tile_for_zoom(path, lat, lon, source, zoom)
+                read_tile_for_zoom(path, lat, lon, source, zoom, **read_kwargs)
                 # ManifestDataset reads this footprint resampled to one tile and centred on the point itself,
                 # not on its pixel: within a pixel of the right or bottom edge it leaves the raster when the
                 # pixel-aligned window above does not.
-                read_raster_window(path, lat, lon, size_px=source.tile_size, gsd_m=zoom * source.base_gsd_m)
+                read_raster_window(
+                    path, lat, lon, size_px=source.tile_size, gsd_m=zoom * source.base_gsd_m, **read_kwargs
+                )
             else:
                 img = load_image(path)
                 need = zoom * source.tile_size
@@ -270,8 +282,10 @@ def validate_manifest(
     spec: MetadataSpec | None = None,
     decode: bool = True,
     time_missing_means_midnight: bool = True,
+    raster: RasterBands | None = None,
 ) -> ValidationReport:
-    """Check schema, value ranges, duplicate keys and that every file exists and decodes."""
+    """Check schema, value ranges, duplicate keys and that every file exists and decodes (rasters read with
+    ``raster``, a :class:`psm.data.imagery.RasterBands`)."""
     path = Path(path)
     df = read_manifest(path)
     spec = spec or MetadataSpec()
@@ -286,7 +300,7 @@ def validate_manifest(
     for row, problems in iter_rows(df, path, spec, time_missing_means_midnight):
         report.problems.extend(problems)
         if row is not None:
-            report.problems.extend(check_files(row, str(path), decode=decode))
+            report.problems.extend(check_files(row, str(path), decode=decode, raster=raster))
             shard_key_problem = _shard_key_problem(row, str(path), "warning")
             if shard_key_problem is not None:
                 report.problems.append(shard_key_problem)
@@ -324,6 +338,7 @@ def manifest_records(
     spec: MetadataSpec | None = None,
     on_error: str = "skip",
     skip_log=None,
+    raster: RasterBands | None = None,
 ) -> Iterator:
     """Shard records for :func:`psm.data.shards.pack_records` from a manifest, in row order.
 
@@ -337,7 +352,7 @@ def manifest_records(
 
     from psm.data.audio import AudioDecodeError
     from psm.data.errors import DataError, SkipLog
-    from psm.data.imagery import ImageryError, read_raster_window
+    from psm.data.imagery import ImageryError, RasterBands, read_raster_window
     from psm.data.shards import ShardRecord
 
     path = Path(path)
@@ -381,7 +396,7 @@ def manifest_records(
             continue
         # Decode once, with the same checks as `psm data validate`, so bad files are caught here and not
         # mid-training.
-        file_problems = check_files(row, str(path), decode=True)
+        file_problems = check_files(row, str(path), decode=True, raster=raster)
         if file_problems:
             problem(file_problems[0])
             continue
@@ -395,6 +410,7 @@ def manifest_records(
                     row.metadata["longitude"],
                     size_px=size,
                     gsd_m=source.base_gsd_m,
+                    **(raster or RasterBands()).read_kwargs(),
                 )
                 buf = io.BytesIO()
                 Image.fromarray(window).save(buf, format="PNG")

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from psm.data.imagery_sources import add_raster_arguments
+
 TOKENIZER_DIR = "tokenizer"  # the trainer saves the tokenizer it used here, inside the checkpoint folder
 
 
@@ -92,6 +94,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             device=device,
             info={"checkpoint": str(args.checkpoint)},
             progress=None if args.quiet else _progress,
+            raster=_raster(args),
         )
     except (_UsageError, ManifestError, DataError, ValueError, FileNotFoundError) as e:
         print(f"psm evaluate: {e}", file=sys.stderr)
@@ -128,6 +131,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             on_error=args.on_error,
             skip_log=log,
+            raster=_raster(args),
         )
         emb = embed_split(
             model, batches, zooms, tokenizer=tokenizer, device=device, progress=None if args.quiet else _progress
@@ -164,6 +168,15 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raster(args: argparse.Namespace) -> Any:
+    from psm.data.imagery import RasterBands
+
+    try:
+        return RasterBands(args.bands, args.scale)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="psm checkpoint folder (model.safetensors + config.yaml)")
     p.add_argument("--manifest", required=True, help="manifest table (CSV or Parquet)")
@@ -172,6 +185,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
     p.add_argument("--no-text", action="store_true", help="ignore captions (no tokenizer needed)")
     p.add_argument("--imagery-source", help="imagery column to read (default: the model's)")
+    add_raster_arguments(p)  # rasters named in the manifest
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")

@@ -211,8 +211,10 @@ def manifest_loaders(
     on_error: str = "skip",
     skip_log: Any | None = None,
     pin_memory: bool = False,
+    raster: Any | None = None,
 ) -> tuple[Any, BatchesForZoom]:
-    """(dataset, batches_for_zoom) over a manifest split, evaluation transforms, in manifest order."""
+    """(dataset, batches_for_zoom) over a manifest split, evaluation transforms, in manifest order; rasters are
+    read with ``raster`` (:class:`psm.data.imagery.RasterBands`, default RGB uint8)."""
     from torch.utils.data import DataLoader
 
     from psm.data.dataset import ManifestDataset
@@ -231,6 +233,7 @@ def manifest_loaders(
         input_size=cfg.image.img_size,
         on_error=on_error,  # type: ignore[arg-type]
         skip_log=skip_log,
+        raster=raster,
     )
     collate = eval_collate(cfg.metadata)
 
@@ -273,6 +276,7 @@ def evaluate_manifest(
     device: torch.device | str | None = None,
     info: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    raster: Any | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on a manifest split (``ManifestDataset``, ``train=False``) at each zoom level.
 
@@ -300,6 +304,7 @@ def evaluate_manifest(
             on_error=on_error,
             skip_log=skip_log,
             pin_memory=device.type == "cuda",
+            raster=raster,
         )
         result_info = {"manifest": str(manifest), "split": split, "imagery_source": source, **(info or {})}
         result = evaluate_model(

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from psm.data.imagery_sources import add_raster_arguments
+
 
 class _UsageError(Exception):
     """A problem with the command's inputs: reported on stderr with exit code 2."""
@@ -51,8 +53,7 @@ def add_index_parser(map_subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--imagery-source", help="imagery kind (sentinel2, bing, ...; default: the model's)")
     s.add_argument("--zoom", type=int, nargs="+", help="zoom levels (default: all of the model's)")
     s.add_argument("--min-valid", type=float, default=1.0, help="fraction of a footprint that must have imagery")
-    s.add_argument("--bands", type=int, nargs="+", default=[1, 2, 3], help="raster bands as R G B (1-based)")
-    s.add_argument("--scale", type=float, nargs=2, metavar=("LO", "HI"), help="map non-uint8 rasters LO..HI → 0..255")
+    add_raster_arguments(s)
     s.add_argument("--cache", help="XYZ tile cache folder (reruns reuse it)")
     s.add_argument("--timeout", type=float, default=10.0, help="XYZ request timeout in seconds")
     s.add_argument("--retries", type=int, default=4, help="XYZ retries per tile")

@@ -40,6 +40,10 @@ class PSMDataModule(L.LightningDataModule):
 
     ``cache=True`` (manifest training) keeps raster windows and each clip's log-mel in memory from
     one epoch to the next (:class:`ManifestDataset`), with persistent workers: for small datasets on a CPU.
+
+    ``raster_bands`` / ``raster_scale``: which bands of a manifest's georeferenced rasters are R, G, B and, for
+    values that are not uint8, the range mapped to 0–255 (e.g. ``[4, 3, 2]`` and ``[0, 3000]`` for a 13-band
+    Sentinel-2 L2A GeoTIFF).
     """
 
     def __init__(
@@ -63,8 +67,13 @@ class PSMDataModule(L.LightningDataModule):
         official_dataset: str = "auto",
         features_in_workers: bool = False,
         cache: bool = False,
+        raster_bands: tuple[int, int, int] = (1, 2, 3),
+        raster_scale: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
+        from psm.data.imagery import RasterBands
+
+        self.raster = RasterBands(raster_bands, raster_scale)  # checked now, not in a worker
         if (manifest is None) == (shards is None):
             raise ValueError("give exactly one of data.manifest and data.shards")
         if shards is not None and tokenizer == "bpe":
@@ -146,6 +155,7 @@ class PSMDataModule(L.LightningDataModule):
             skip_log=self.skip_log,
             audio_features=hp.features_in_workers,
             cache=hp.cache,
+            raster=self.raster,
         )
         if hp.shards is not None:
             self._setup_shards(stage, cfg.image.img_size)
