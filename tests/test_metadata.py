@@ -119,3 +119,17 @@ def test_spec_keeps_official_token_order_and_round_trips():
     assert MetadataSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(MetadataError, match="unknown metadata config keys"):
         MetadataSpec.from_dict({"hour_perod": 24})
+
+
+def test_missing_sources_in_a_nullable_string_column_are_unknown():
+    # pandas' "string" dtype holds gaps as pd.NA, whose truth value raises: they are left out, as None and NaN.
+    import pandas as pd
+
+    spec = MetadataSpec()
+    md = spec.encode(
+        audio_source=pd.Series(["iNat", pd.NA, None], dtype="string"),
+        caption_source=pd.Series(["meta", "qwen", pd.NA], dtype="string"),
+    )
+    assert md.valid["audio_source"].tolist() == [True, False, False]
+    assert md.valid["caption_source"].tolist() == [True, True, False]
+    assert md.values["audio_source"][0] == spec.audio_sources.index("iNat")

@@ -37,6 +37,16 @@ OFFICIAL_AUDIO_SOURCES: tuple[str, ...] = ("yfcc", "iNat", "aporee", "freesound"
 OFFICIAL_CAPTION_SOURCES: tuple[str, ...] = ("meta", "qwen", "pengi")
 
 
+def _is_missing(item: object) -> bool:
+    """None, NaN, or pandas' NA / NaT (a nullable string column's gaps): a value left out."""
+    if item is None:
+        return True
+    try:
+        return bool(item != item)  # only NaN (and NaT) differ from themselves
+    except TypeError:  # pandas NA: its truth value is ambiguous, which only a missing value answers
+        return True
+
+
 class MetadataError(ValueError):
     """Bad metadata: an unknown type or source name, or a value out of range."""
 
@@ -214,7 +224,7 @@ class MetadataSpec:
             else:
                 id_list = []
                 for row, item in enumerate(v):
-                    if item is None or (isinstance(item, float) and math.isnan(item)):
+                    if _is_missing(item):
                         id_list.append(-1)
                         continue
                     try:
