@@ -325,3 +325,12 @@ def test_sixteen_bit_multiband_rasters_train_validate_and_pack_with_bands_and_sc
     assert cli_main(argv) == 0 and "2 samples" in capsys.readouterr().out.replace(",", "")
     with pytest.raises(ValueError, match="3 bands"):
         PSMDataModule(manifest=manifest, raster_bands=(1, 2))
+
+
+def test_a_date_without_a_month_warns_about_what_is_unknown(tmp_path):
+    # "10:28" carries the hour but no month: the warning says the month is unknown, not both.
+    rows = _write_good_files(tmp_path, 2)
+    rows[0]["date"], rows[1]["date"] = "10:28", "sometime"
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    warnings = {p.row: p.reason for p in validate_manifest(tmp_path / "m.csv", decode=False).problems}
+    assert warnings[0].endswith(": month unknown") and warnings[1].endswith(": month and hour unknown")

@@ -256,3 +256,12 @@ def test_explicit_crs_grid():
     assert grid.crs == "EPSG:6933"
     # EPSG:6933 is cylindrical: a lon/lat box is a rectangle, so every pixel is a point
     assert len(grid) >= 0.95 * grid.width * grid.height
+
+
+def test_a_grid_crs_whose_units_are_not_ground_metres_is_refused():
+    # Web Mercator at 52° N: a "1,000 m" cell is 0.61 × 0.61 km on the ground; the index would record 1,000 m.
+    region = Region.from_bbox(12.0, 52.0, 12.5, 52.3)
+    with pytest.raises(RegionError, match=r"0\.3[5-9]–0\.3[5-9] times"):
+        grid_for_region(region, 1000, crs="EPSG:3857")
+    assert len(grid_for_region(region, 1000, crs="EPSG:32633")) > 0  # UTM: metres
+    assert len(grid_for_region(Region.from_bbox(5, 0, 5.5, 0.3), 1000, crs="EPSG:3857")) > 0  # at the equator

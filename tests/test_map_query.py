@@ -520,6 +520,10 @@ def test_cli_query_top_and_errors(env, tmp_path, capsys):
     with rasterio.open(tmp_path / "ens.tif") as ds:
         assert "birds chirping | dawn chorus (×6 prompts)" in json.dumps(ds.tags(), ensure_ascii=False)
     assert not (tmp_path / "e.tif").exists()
+    # An index whose points have no imagery: a clear message, not an empty table
+    empty = write_test_index(tmp_path / "empty", env["model"], invalid_fraction=1.0)
+    rc = main(["top", "--index", str(empty), "--checkpoint", str(env["ckpt"]), "--device", "cpu", "--text", "x"])
+    assert rc == 2 and "no point of the index has imagery at zoom 1" in capsys.readouterr().err
 
 
 def test_cli_temporal_and_uncertainty(env, tmp_path):

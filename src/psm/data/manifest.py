@@ -138,7 +138,8 @@ def parse_row(
         if r["audio_source"] == "freesound":
             hour = None  # Freesound dates carry no time of day (official rule, as the shard decoders apply)
         if parsed.month is None and isinstance(r["date"], str) and r["date"].strip():
-            bad("date", f"cannot parse date {r['date']!r}: month and hour unknown", "warning")
+            unknown = "month unknown" if hour is not None else "month and hour unknown"
+            bad("date", f"no month in date {r['date']!r}: {unknown}", "warning")
     for name, lo, hi in (("month", 1, 12), ("hour", 0, 23)):
         if name in df.columns and not pd.isna(r[name]):
             v = _number(r[name])

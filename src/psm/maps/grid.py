@@ -486,6 +486,32 @@ def _check_size(pixels: int, max_points: int | None, force: bool, what: str) -> 
         )
 
 
+MAX_CELL_AREA_ERROR = 0.05  # a user CRS whose cells differ more than this from spacing² of ground is refused
+
+
+def _check_ground_metres(
+    grid_crs: str, name: Any, s: float, minx: float, miny: float, maxx: float, maxy: float
+) -> None:
+    """Refuse a grid CRS whose ``s × s`` cells do not cover ``s²`` of ground across the region (e.g. Web Mercator
+    away from the equator: 0.37 s² at 52°), so an index never records a spacing its points do not have.
+    Equal-area CRSs pass even where their cells are not squares (EPSG:6933), as do metric ones (UTM)."""
+    from rasterio.warp import transform
+
+    xs = np.array([minx, (minx + maxx) / 2, maxx])
+    x, y = (v.ravel() for v in np.meshgrid(xs, [miny, (miny + maxy) / 2, maxy]))
+    lon, lat = (np.asarray(v) for v in transform(grid_crs, "EPSG:4326", np.r_[x, x + s, x], np.r_[y, y, y + s]))
+    n = len(x)
+    dx = haversine_m(lat[:n], lon[:n], lat[n : 2 * n], lon[n : 2 * n])
+    dy = haversine_m(lat[:n], lon[:n], lat[2 * n :], lon[2 * n :])
+    ratio = dx * dy / (s * s)  # (cells of these CRSs are rectangles on the ground to well under 1 %)
+    if np.abs(ratio - 1).max() > MAX_CELL_AREA_ERROR:
+        raise RegionError(
+            f"in the grid CRS {name!r} a {s:g} × {s:g} cell covers {ratio.min():.2f}–{ratio.max():.2f} times "
+            f"{s:g}² m² of ground over this region (its units are not ground metres here): leave --crs out (an "
+            "equal-area grid centred on the region) or use a metric CRS such as the region's UTM zone"
+        )
+
+
 def grid_for_region(
     region: Region,
     spacing_m: float,
@@ -511,6 +537,8 @@ def grid_for_region(
     minx, miny = allxy.min(axis=0)
     maxx, maxy = allxy.max(axis=0)
     s = float(spacing_m)
+    if crs is not None:
+        _check_ground_metres(grid_crs, crs, s, minx, miny, maxx, maxy)
     x0, x1 = math.floor(minx / s) * s, math.ceil(maxx / s) * s
     y0, y1 = math.floor(miny / s) * s, math.ceil(maxy / s) * s
     width, height = max(1, round((x1 - x0) / s)), max(1, round((y1 - y0) / s))

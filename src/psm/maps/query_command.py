@@ -311,6 +311,8 @@ def _do_top(args: argparse.Namespace) -> int:
     zoom = default_zoom(index, args.zoom)
     cond = condition(index, model, zoom, _setting(args), **_run_kwargs(args))
     ids, scores = top_k(cond, q, args.k, scorer=args.scorer)
+    if not len(ids):
+        raise _UsageError(f"no point of the index has imagery at zoom {zoom} ({cond.setting.label()}): nothing to rank")
     pts = index.points.iloc[ids]
     label = score_label(cond.probabilistic)
     table = pd.DataFrame(
