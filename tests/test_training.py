@@ -383,3 +383,30 @@ def test_each_step_seeds_the_global_rng_that_dropout_draws_from():
     torch.rand(100)  # whatever else ran in between
     module.on_train_batch_start(None, 0)
     assert torch.equal(torch.rand(4), first)
+
+
+def test_filled_cache_gives_the_same_samples_and_keeps_bad_rows_reported(tmp_path):
+    """fill_cache reads every zoom's window and every clip's log-mel up front (threads); the samples are those
+    of a dataset that fills its cache as it goes, and a row that fails is still reported when loaded."""
+    from psm.data.dataset import ManifestDataset
+    from psm.data.errors import SkipLog
+
+    manifest = make_raster_manifest(tmp_path, n=6)
+    (tmp_path / "c1.wav").unlink()  # a missing clip: left out of the cache, reported on load
+    kwargs = dict(imagery_source="sentinel2", train=True, split="train", input_size=32, audio_features=True)
+    filled = ManifestDataset(manifest, cache=True, skip_log=SkipLog(), **kwargs)
+    lazy = ManifestDataset(manifest, cache=True, skip_log=SkipLog(), **kwargs)
+    n = len(filled)  # 4 train rows, one without its clip: 4 × 3 zooms + 3 mels
+    assert filled.fill_cache(threads=2) == n * 3 + (n - 1)
+    assert filled.fill_cache() == 0  # nothing left to read
+    for epoch in (0, 1):
+        for i in range(n):
+            a, b = filled[(i, epoch)], lazy[(i, epoch)]
+            if a is None:
+                assert b is None
+                continue
+            assert a.zoom == b.zoom and torch.equal(a.image, b.image)
+            assert torch.equal(a.audio_features, b.audio_features)
+    assert len(filled.skip_log) == len(lazy.skip_log) == 2 and "c1.wav" in str(filled.skip_log.problems[0])
+    with pytest.raises(ValueError, match="cache=True"):
+        ManifestDataset(manifest, **kwargs).fill_cache()

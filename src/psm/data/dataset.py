@@ -124,7 +124,6 @@ class ManifestDataset(Dataset):
             TrainTransform,
             load_image,
             prepare_image,
-            read_raster_window,
             to_float_tensor,
         )
 
@@ -136,20 +135,7 @@ class ManifestDataset(Dataset):
             zoom = int(levels[int(torch.randint(len(levels), (1,), generator=g))])
         path = row.images[self.source.name]
         if path.suffix.lower() in RASTER_SUFFIXES:
-            # A raster is read as the zoom's ground footprint resampled straight to the tile size (GDAL
-            # "average", overviews when present): the same footprint and size as the official centre crop +
-            # bicubic resize of a full-resolution tile, at a fraction of the cost (docs/faithfulness.md).
-            tile = self._cached(
-                ("tile", index, zoom),
-                lambda: read_raster_window(
-                    path,
-                    row.metadata["latitude"],
-                    row.metadata["longitude"],
-                    size_px=self.source.tile_size,
-                    gsd_m=zoom * self.source.base_gsd_m,
-                    **self.raster.read_kwargs(),
-                ),
-            )
+            tile = self._cached(("tile", index, zoom), lambda: self._read_tile(row, zoom))
             transform = TrainTransform(self.input_size) if self.train else EvalTransform(self.input_size)
             image = transform(to_float_tensor(tile, name=path), g)
             return self._sample(index, row, image, zoom, load_audio, g)
@@ -165,6 +151,58 @@ class ManifestDataset(Dataset):
                 )
         image = prepare_image(raw, self.source, zoom, self.train, g, input_size=self.input_size, name=path)
         return self._sample(index, row, image, zoom, load_audio, g)
+
+    def _read_tile(self, row: ManifestRow, zoom: int) -> Any:
+        """The row's raster window at ``zoom``: the zoom's ground footprint resampled straight to the tile size
+        (GDAL "average", overviews when present). The same footprint and size as the official centre crop +
+        bicubic resize of a full-resolution tile, at a fraction of the cost (docs/faithfulness.md)."""
+        from psm.data.imagery import read_raster_window
+
+        return read_raster_window(
+            row.images[self.source.name],
+            row.metadata["latitude"],
+            row.metadata["longitude"],
+            size_px=self.source.tile_size,
+            gsd_m=zoom * self.source.base_gsd_m,
+            **self.raster.read_kwargs(),
+        )
+
+    def fill_cache(self, threads: int | None = None) -> int:
+        """Read every raster window (each zoom a sample may draw) and every clip's log-mel into the cache now,
+        with ``threads`` threads (default: one per core); returns the number of entries added.
+
+        With ``cache=True`` a worker otherwise fills it during the first epochs, one sample at a time, while the
+        model waits (on 2 cores: 25–75 samples/s then, 100–137 after). Filled before the DataLoader forks its
+        workers, the cache is theirs too (copy-on-write). A row that fails is left out here: loading it
+        later reports it under the data error policy, as before.
+        """
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        from psm.data.audio import clap_clip_mel, load_audio
+
+        if self._cache is None:
+            raise ValueError("fill_cache needs a dataset built with cache=True")
+        zooms = [self.zoom] if self.zoom is not None else list(self.source.zoom_levels)
+        jobs: list[tuple[tuple, Callable[[], Any]]] = []
+        for i, row in enumerate(self.rows):
+            if row.images[self.source.name].suffix.lower() in RASTER_SUFFIXES:
+                jobs += [(("tile", i, z), lambda row=row, z=z: self._read_tile(row, z)) for z in zooms]
+            if self.audio_features:
+                jobs.append((("mel", i), lambda row=row: clap_clip_mel(load_audio(row.audio_path))))
+        jobs = [(key, make) for key, make in jobs if key not in self._cache]
+
+        def run(job: tuple[tuple, Callable[[], Any]]) -> bool:
+            key, make = job
+            try:
+                self._cache[key] = make()  # (one dict assignment: atomic under the GIL)
+            except Exception:  # reported when the sample is loaded, under the error policy
+                return False
+            return True
+
+        # GDAL, the audio decoders and torch's log-mel release the GIL: threads use every core.
+        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            return sum(pool.map(run, jobs))
 
     def _cached(self, key: tuple, make: Callable[[], Any]) -> Any:
         if self._cache is None:

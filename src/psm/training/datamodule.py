@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ from psm.data.imagery_sources import get_imagery_source
 from psm.data.manifest import read_manifest
 from psm.data.text import build_bpe_tokenizer, load_tokenizer
 from psm.training.sampler import StepSampler
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -164,6 +168,11 @@ class PSMDataModule(L.LightningDataModule):
             self.train_set = ManifestDataset(hp.manifest, train=True, split=hp.train_split, **common)
         if stage in (None, "fit", "validate"):
             self.val_set = ManifestDataset(hp.manifest, train=False, split=hp.val_split, zoom=hp.val_zoom, **common)
+        if hp.cache:
+            # Filled now, with every core, the loader workers fork with the whole cache (see fill_cache).
+            start = time.perf_counter()
+            added = sum(ds.fill_cache() for ds in (self.train_set, self.val_set) if ds is not None)
+            log.info("data.cache: %d raster windows and clips read in %.0f s", added, time.perf_counter() - start)
 
     def _setup_shards(self, stage: str | None, input_size: int) -> None:
         from psm.data.imagery import SatelliteView
