@@ -95,6 +95,9 @@ def test_html_and_png_maps(served):
     status, ctype, body = get(served["url"] + "/map.html?text=waves&prompt_ensemble=true&title=Waves")
     assert status == 200 and ctype.startswith("text/html")
     assert b"Waves" in body and b"the sound of waves" not in body  # the legend names the query, not each prompt
+    # request text that reaches the page is escaped, never markup (a link to this server cannot run a script)
+    status, _, body = get(served["url"] + "/map.html?text=%3Cscript%3Ex()%3C/script%3E&title=%3Cb%3Eq%3C/b%3E")
+    assert status == 200 and b"<script>x()" not in body and b"<b>q</b>" not in body and b"&lt;b&gt;q" in body
     status, ctype, body = get(served["url"] + "/map.png?text=waves&width=400")
     assert status == 200 and ctype == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
 

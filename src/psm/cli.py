@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="offline world: demo (3,000 clips, ~12 minutes in all on 2 CPU cores) or tiny (200 clips, ~1 minute, "
         "too small to learn much)",
     )
-    p.add_argument("--steps", type=int, help="training steps (default: demo 1600, tiny 120)")
+    p.add_argument("--steps", type=int, help="training steps (default: demo 1000, tiny 120)")
     p.add_argument("--minutes", type=float, help="training time limit (default: demo 8, tiny none)")
     p.set_defaults(func=_cmd_demo)
 
