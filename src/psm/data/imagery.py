@@ -454,19 +454,25 @@ def _north_up(t: Affine) -> bool:
     return t.b == 0 and t.d == 0 and t.a > 0 and t.e < 0
 
 
+def _ground_steps(src: DatasetReader, col: float, row: float) -> tuple[float, float]:
+    """Ground length in metres of one pixel step along columns and along rows at pixel (col, row), measured in
+    a local metric grid: for any CRS, rotated or flipped grids included."""
+    t = src.transform
+    xs, ys = zip(t @ (col, row), t @ (col + 1, row), t @ (col, row + 1), strict=True)
+    lon, lat = warp_transform(src.crs, "EPSG:4326", [xs[0]], [ys[0]])
+    mx, my = warp_transform(src.crs, _local_metric_crs(lat[0], lon[0]), list(xs), list(ys))
+    return math.hypot(mx[1] - mx[0], my[1] - my[0]), math.hypot(mx[2] - mx[0], my[2] - my[0])
+
+
 def ground_scale_error(src: DatasetReader) -> float:
     """Largest relative difference between a pixel's ground size and its size in CRS units × metres per unit,
-    over a 3×3 spread of places in the raster (each measured in a local metric grid)."""
+    over a 3×3 spread of places in the raster."""
     t, unit_to_m = src.transform, src.crs.linear_units_factor[1]
     steps = (math.hypot(t.a, t.d) * unit_to_m, math.hypot(t.b, t.e) * unit_to_m)
     worst = 0.0
-    for fc in (0.5, 0.5 * src.width, src.width - 0.5):
-        for fr in (0.5, 0.5 * src.height, src.height - 0.5):
-            xs, ys = zip(t @ (fc, fr), t @ (fc + 1, fr), t @ (fc, fr + 1), strict=True)
-            lon, lat = warp_transform(src.crs, "EPSG:4326", [xs[0]], [ys[0]])
-            mx, my = warp_transform(src.crs, _local_metric_crs(lat[0], lon[0]), list(xs), list(ys))
-            for k, step in zip((1, 2), steps, strict=True):
-                ground = math.hypot(mx[k] - mx[0], my[k] - my[0])
+    for col in (0.5, 0.5 * src.width, src.width - 0.5):
+        for row in (0.5, 0.5 * src.height, src.height - 0.5):
+            for ground, step in zip(_ground_steps(src, col, row), steps, strict=True):
                 worst = max(worst, abs(ground / step - 1.0))
     return worst
 
@@ -485,15 +491,11 @@ def reads_in_place(src: DatasetReader) -> bool:
 def ground_pixel_m(src: DatasetReader, x: float | None = None, y: float | None = None) -> float:
     """Ground size in metres of one pixel at CRS position (x, y) (default: the raster's centre), mean of both
     axes; for any CRS, rotated or flipped grids included."""
-    t = src.transform
-    col, row = (0.5 * src.width, 0.5 * src.height) if x is None or y is None else ~t @ (x, y)
-    xs, ys = zip(t @ (col, row), t @ (col + 1, row), t @ (col, row + 1), strict=True)
-    lon, lat = warp_transform(src.crs, "EPSG:4326", [xs[0]], [ys[0]])
-    mx, my = warp_transform(src.crs, _local_metric_crs(lat[0], lon[0]), list(xs), list(ys))
-    return 0.5 * (math.hypot(mx[1] - mx[0], my[1] - my[0]) + math.hypot(mx[2] - mx[0], my[2] - my[0]))
+    col, row = (0.5 * src.width, 0.5 * src.height) if x is None or y is None else ~src.transform @ (x, y)
+    return 0.5 * sum(_ground_steps(src, col, row))
 
 
-def _native_gsd_m(src: DatasetReader) -> float | None:
+def native_gsd_m(src: DatasetReader) -> float | None:
     """Pixel size in metres of a raster read in place (mean of x and y), None for any other (warped) raster."""
     if not reads_in_place(src):
         return None
@@ -634,7 +636,7 @@ def _read_resampled(
         )
 
     if resampling is None:
-        native = _native_gsd_m(src)
+        native = native_gsd_m(src)
         if native is None:  # a warped raster: its pixel's ground size at the point
             native = ground_pixel_m(src, x, y)
         # Averaging when shrinking avoids aliasing; bilinear when enlarging avoids blockiness.
@@ -742,7 +744,7 @@ def read_raster_window(
                 f"{name}: point lat={lat}, lon={lon} is outside the raster "
                 f"(covers lat {south:.5f}..{north:.5f}, lon {west:.5f}..{east:.5f})"
             )
-        native = _native_gsd_m(src)
+        native = native_gsd_m(src)
         if gsd_m is None and not _north_up(src.transform):
             raise ImageryError(
                 f"{name} is not north-up (transform {tuple(src.transform)[:6]}): its pixels as stored would come "

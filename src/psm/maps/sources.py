@@ -277,7 +277,7 @@ class RasterProvider(ImageryProvider):
         from rasterio.errors import RasterioError
         from rasterio.warp import transform_bounds
 
-        from psm.data.imagery import ImageryError, ground_pixel_m, reads_in_place
+        from psm.data.imagery import ImageryError, ground_pixel_m, native_gsd_m
 
         super().__init__(workers=workers, skip_log=skip_log)
         if isinstance(paths, str | os.PathLike):
@@ -309,12 +309,10 @@ class RasterProvider(ImageryProvider):
                     # No nodata and no mask on the bands, read in place (projected in ground metres, north-up):
                     # reads deep inside need no mask. Others (degrees, Web Mercator, flipped) are warped per point.
                     flags = [src.mask_flag_enums[b - 1] for b in self.bands]
-                    in_place = reads_in_place(src)
-                    fast.append(in_place and all(MaskFlags.all_valid in f for f in flags))
-                    if in_place:
-                        res_m.append(0.5 * (abs(src.res[0]) + abs(src.res[1])) * src.crs.linear_units_factor[1])
-                    else:  # (depths from the edge are estimates; each read checks its footprint exactly)
-                        res_m.append(ground_pixel_m(src))
+                    native = native_gsd_m(src)  # None unless read in place
+                    fast.append(native is not None and all(MaskFlags.all_valid in f for f in flags))
+                    # (for warped rasters, depths from the edge are estimates; each read checks its footprint)
+                    res_m.append(native if native is not None else ground_pixel_m(src))
             except RasterioError as e:
                 raise ImageryError(f"cannot open raster {p}: {e}") from e
         # The "index": lat/lon bounds of every file as arrays, filtered with one vectorised comparison.

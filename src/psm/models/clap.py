@@ -130,6 +130,11 @@ class _RowAffineConv2d(nn.Conv2d):
         return self._conv_forward(x, self.weight * gamma, bias if self.bias is None else bias + self.bias)
 
 
+def _patch_convs(embed: nn.Module) -> list[nn.Conv2d]:
+    """HTSAT's patch-embedding convs: ``proj``, and ``mel_conv2d`` with fusion."""
+    return [c for c in (embed.proj, getattr(embed, "mel_conv2d", None)) if c is not None]
+
+
 class _ClapAudioPatchEmbedFoldedNorm(ClapAudioPatchEmbed):
     """HF's patch embedding whose two convs apply a pending input affine (see :class:`_RowAffineConv2d`)."""
 
@@ -137,7 +142,7 @@ class _ClapAudioPatchEmbedFoldedNorm(ClapAudioPatchEmbed):
 
     def forward(self, hidden_states: Tensor, is_longer_idx: Tensor | None = None) -> Tensor:
         affine, self.pending_affine = self.pending_affine, None
-        convs = [c for c in (self.proj, getattr(self, "mel_conv2d", None)) if isinstance(c, _RowAffineConv2d)]
+        convs = [c for c in _patch_convs(self) if isinstance(c, _RowAffineConv2d)]
         for conv in convs:
             conv.folded_affine = affine
         try:
@@ -167,9 +172,8 @@ class _ClapAudioEncoderDeferredNorm(ClapAudioEncoder):
         if freq_length == self.spec_size // self.freq_ratio and time_length < spec_width:
             x = stretch_frames(x, spec_width)  # HF's bicubic call, outside autograd and without repeats
         embed = self.patch_embed
-        convs = [c for c in (embed.proj, getattr(embed, "mel_conv2d", None)) if c is not None]
         if freq_length == self.spec_size // self.freq_ratio and all(
-            isinstance(c, _RowAffineConv2d) and _folds_row_affine(c, freq_length) for c in convs
+            isinstance(c, _RowAffineConv2d) and _folds_row_affine(c, freq_length) for c in _patch_convs(embed)
         ):
             embed.pending_affine = (norm.weight, norm.bias)  # the convs apply it: the image needs no gradient
             return super().reshape_mel2img(x)
@@ -188,9 +192,8 @@ def _defer_mel_norm_affine(encoder: nn.Module) -> None:
     encoder.__class__ = _ClapAudioEncoderDeferredNorm
     # The patch embedding's convs may fold that affine into their weights (same parameters, same keys).
     encoder.patch_embed.__class__ = _ClapAudioPatchEmbedFoldedNorm
-    for conv in (encoder.patch_embed.proj, getattr(encoder.patch_embed, "mel_conv2d", None)):
-        if conv is not None:
-            conv.__class__ = _RowAffineConv2d
+    for conv in _patch_convs(encoder.patch_embed):
+        conv.__class__ = _RowAffineConv2d
 
 
 def hf_audio_model(clap: nn.Module) -> nn.Module:
@@ -205,9 +208,8 @@ def hf_audio_model(clap: nn.Module) -> nn.Module:
     norm.train(encoder.batch_norm.training)
     encoder.batch_norm, encoder.__class__ = norm, ClapAudioEncoder
     encoder.patch_embed.__class__ = ClapAudioPatchEmbed
-    for conv in (encoder.patch_embed.proj, getattr(encoder.patch_embed, "mel_conv2d", None)):
-        if conv is not None:
-            conv.__class__ = nn.Conv2d
+    for conv in _patch_convs(encoder.patch_embed):
+        conv.__class__ = nn.Conv2d
     return plain
 
 
