@@ -39,6 +39,9 @@ class Batch:
     captions: list[str] | None = None
     input_ids: Tensor | None = None
     attention_mask: Tensor | None = None
+    # (B,) bool: which rows have a caption; None = every row has one. A row without one is tokenised as ""
+    # so that the text tower's shapes (and, under DDP, its parameters' use) do not depend on the data.
+    caption_mask: Tensor | None = None
     waveforms: Tensor | None = None  # (B, T_max) zero-padded
     waveform_lengths: Tensor | None = None  # (B,)
     audio_features: Tensor | None = None  # (B, 4, 1001, 64)
@@ -90,8 +93,14 @@ def collate_samples(
         zoom=torch.tensor([s.zoom for s in samples], dtype=torch.long),
         metadata=metadata,
     )
-    if all(s.caption is not None for s in samples):
-        batch.captions = [s.caption for s in samples]
+    has_caption = [s.caption is not None for s in samples]
+    # With a tokenizer, every batch carries text, captioned or not: a batch (or a rank's batch under DDP)
+    # whose rows all lack captions must still run the text tower, and rows that have one keep their text
+    # loss (psm.losses.TriModalLoss masks the rest) instead of one missing caption dropping the batch's.
+    if all(has_caption) or (tokenizer is not None):
+        batch.captions = [s.caption or "" for s in samples]
+        if not all(has_caption):
+            batch.caption_mask = torch.tensor(has_caption)
         if tokenizer is not None:
             tok = tokenizer(
                 batch.captions,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from psm.losses.distributed import (
@@ -30,6 +31,18 @@ def _field(entry: Any, key: str) -> Tensor | None:
     if isinstance(entry, Mapping):
         return entry.get(key)
     return getattr(entry, key, None)
+
+
+def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """Rows that hold both modalities of a pair (None: every row)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return a & b
+
+
+def _select_rows(entry: tuple[Tensor, Tensor | None], keep: Tensor) -> tuple[Tensor, Tensor | None]:
+    mean, logvar = entry
+    return mean[keep], None if logvar is None else logvar[keep]
 
 
 class TriModalLoss(nn.Module):
@@ -95,12 +108,19 @@ class TriModalLoss(nn.Module):
             return official_infonce_pair(criterion, (mu_p, gathered[p][0]), (mu_q, gathered[q][0]))
         return criterion(mu_p, mu_q)
 
-    def forward(self, embeddings: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, embeddings: Mapping[str, Any], masks: Mapping[str, Tensor | None] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted sum of the pair losses of the modalities present; also returns detached logs.
 
         `embeddings[m]` holds "mean" (L2-normalised μ) and "logvar" (log σ², None when deterministic);
-        an absent or None modality drops the pairs that use it.
+        an absent or None modality drops the pairs that use it. `masks[m]` (B,) bool marks the rows that
+        really have modality m (e.g. captions): a pair is computed on the rows that have both of its
+        modalities, and dropped when fewer than two have.
         """
+        masks = {m: v for m, v in (masks or {}).items() if v is not None}
+        if set(masks) - set(MODALITIES):
+            raise ValueError(f"unknown modality in masks {sorted(masks)}; expected a subset of {MODALITIES}")
         local: dict[str, tuple[Tensor, Tensor | None]] = {}
         for name, entry in embeddings.items():
             if name not in MODALITIES:
@@ -113,9 +133,9 @@ class TriModalLoss(nn.Module):
             if self.kind == "pcmepp" and logvar is None:
                 raise ValueError(f"PCME++ needs embeddings[{name!r}]['logvar'] (log σ²), got None")
             local[name] = (mean, logvar if self.kind == "pcmepp" else None)
-        pairs = [(pair, p, q) for pair, p, q in PAIRS if p in local and q in local]
-        if not pairs:
+        if not [pair for pair, p, q in PAIRS if p in local and q in local]:
             raise ValueError(f"need at least two modalities, got {sorted(local)}")
+        masks = {m: v.bool() for m, v in masks.items() if m in local}
 
         # Gather once per modality (fixed MODALITIES order: collectives must match across ranks).
         gathered = {
@@ -123,6 +143,13 @@ class TriModalLoss(nn.Module):
             for m in MODALITIES
             if m in local and self.distributed != "none"
         }
+        if masks and self.distributed != "none":
+            if self.distributed == "official":
+                raise ValueError(
+                    "distributed_loss 'official' needs every sample to have every modality (its target assumes "
+                    "equal blocks per rank); with missing captions use distributed_loss 'global'"
+                )
+            masks = {m: all_gather_with_grad(masks[m].to(torch.uint8)).bool() for m in MODALITIES if m in masks}
         if self.distributed == "global":
             # Every rank computes the loss of the identical global batch L. The gather's backward
             # sums the ranks' gradients, so rank r's local embeddings get W·∂L/∂x_r, and its
@@ -131,11 +158,24 @@ class TriModalLoss(nn.Module):
             # a, b, τ get the same ∂L/∂a on every rank, which the average leaves unchanged.
             local = gathered
 
+        pairs, rows = [], {}
+        for pair, p, q in PAIRS:
+            if p not in local or q not in local:
+                continue
+            keep = _both(masks.get(p), masks.get(q))
+            if keep is not None and int(keep.sum()) < 2:
+                continue  # one row has no negatives to contrast with
+            pairs.append((pair, p, q))
+            rows[pair] = keep
+        if not pairs:
+            raise ValueError("no pair of modalities has two rows that hold both")
         weights = self.pair_weights if len(pairs) > 1 else {pairs[0][0]: 1.0}
         total: Tensor | None = None
         logs: dict[str, Tensor] = {}
         for pair, p, q in pairs:
-            loss, pair_logs = self._pair_loss(pair, p, q, local, gathered)
+            keep = rows[pair]
+            subset = local if keep is None else {m: _select_rows(local[m], keep) for m in (p, q)}
+            loss, pair_logs = self._pair_loss(pair, p, q, subset, gathered)
             total = weights[pair] * loss if total is None else total + weights[pair] * loss
             logs.update({f"{pair}/{k}": v for k, v in pair_logs.items()})
         assert total is not None

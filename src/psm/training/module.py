@@ -198,15 +198,19 @@ class PSMTrainingModule(L.LightningModule):
             metadata_dropout=metadata_dropout,
         )
 
-    def compute_loss(self, embeddings: dict[str, GaussianEmbedding]) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(
+        self, embeddings: dict[str, GaussianEmbedding], caption_mask: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The tri-modal loss; rows without a caption (``caption_mask`` False) stay out of the text pairs."""
         self.loss_fn.distributed = self._distributed_loss if self.trainer.world_size > 1 else "none"
-        return self.loss_fn({k: v.as_loss_input() for k, v in embeddings.items()})
+        masks = {"text": caption_mask.to(self.device)} if caption_mask is not None and "text" in embeddings else None
+        return self.loss_fn({k: v.as_loss_input() for k, v in embeddings.items()}, masks=masks)
 
     # --- Lightning hooks --------------------------------------------------------------------------------
     def training_step(self, batch: Batch | None, batch_idx: int) -> Tensor | None:
         if batch is None:  # every sample of the batch was skipped by the data's error policy
             return None
-        loss, logs = self.compute_loss(self.embed(batch, train=True))
+        loss, logs = self.compute_loss(self.embed(batch, train=True), batch.caption_mask)
         bs = len(batch)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs, sync_dist=True)
         for key, value in logs.items():
@@ -236,7 +240,7 @@ class PSMTrainingModule(L.LightningModule):
             return
         dropout = True if self.hparams.metadata_dropout_in_validation else None
         emb = self.embed(batch, train=False, metadata_dropout=dropout)
-        loss, _ = self.compute_loss(emb)
+        loss, _ = self.compute_loss(emb, batch.caption_mask)
         self.log("val/loss", loss, batch_size=len(batch), sync_dist=True)
         out = {"image_mean": emb["image"].mean, "audio_mean": emb["audio"].mean}
         if emb["image"].logvar is not None:
