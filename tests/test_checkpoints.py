@@ -20,6 +20,7 @@ from transformers import (
 
 from conftest import tiny_batch
 from psm.cli import main as cli_main
+from psm.losses import TriModalLoss
 from psm.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from psm.models.convert import ConversionError, convert_official_checkpoint
 from psm.models.factory import create_model
@@ -49,6 +50,16 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_model, tmp_path):
 def test_checkpoint_holds_no_absolute_paths(tiny_model, tmp_path):
     out = save_checkpoint(tiny_model, tmp_path / "ckpt")
     assert str(tmp_path) not in (out / "config.yaml").read_text()
+    # a model started from a local CLAP folder does not record that folder (its weights are in the file)
+    tiny_model.config.audio.pretrained = str(tmp_path / "clap-htsat-fused")
+    tiny_model.config.text.pretrained = str(tmp_path / "clap-htsat-fused")
+    try:
+        out = save_checkpoint(tiny_model, tmp_path / "ckpt2")
+        assert tiny_model.config.audio.pretrained is not None  # the model's own config is left alone
+    finally:
+        tiny_model.config.audio.pretrained = tiny_model.config.text.pretrained = None
+    assert str(tmp_path) not in (out / "config.yaml").read_text()
+    load_checkpoint(out)
 
 
 def test_save_is_atomic_and_refuses_to_overwrite(tiny_model, tmp_path, monkeypatch):
@@ -245,9 +256,12 @@ def test_official_checkpoint_conversion_maps_every_key(tmp_path):
     for official_key, our_key in report.mapped.items():
         target = extra[our_key] if our_key.startswith("loss.") else ours[our_key]
         assert torch.equal(target, state[official_key]), official_key
-    assert extra["loss.shift"].item() == pytest.approx(4.5) and extra["loss.negative_scale"].item() == pytest.approx(
-        5.5
-    )
+    assert extra["loss.criterion.shift"].item() == pytest.approx(4.5)
+    assert extra["loss.criterion.negative_scale"].item() == pytest.approx(5.5)
+    # Same layout as a trained run's export: the scalars load straight into the tri-modal loss.
+    loss = TriModalLoss("pcmepp")
+    loss.load_state_dict({k.removeprefix("loss."): v for k, v in extra.items()})
+    assert loss.criterion.shift.item() == pytest.approx(4.5)
     text = (tmp_path / "converted" / "config.yaml").read_text()
     assert "/storage1" not in text and str(tmp_path) not in text  # no absolute paths carried over
     assert model.config.metadata.types == ("audio_source", "caption_source", "location", "month", "hour")
@@ -282,7 +296,9 @@ def test_conversion_of_the_infonce_baseline_without_metadata(tmp_path):
     assert cli_main(["convert-checkpoint", str(ckpt), str(tmp_path / "out"), "--base-config", "psm-tiny"]) == 0
     model, extra = load_checkpoint(tmp_path / "out")
     assert not model.config.probabilistic and model.image.fusion is None
-    assert extra["loss.tau"].item() == pytest.approx(1.5)
+    loss = TriModalLoss("infonce")
+    loss.load_state_dict({k.removeprefix("loss."): v for k, v in extra.items()})
+    assert loss.criterion.tau.item() == pytest.approx(1.5)
 
 
 def test_conversion_cli_reports_unreadable_files(tmp_path, capsys):

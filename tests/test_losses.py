@@ -112,6 +112,18 @@ def test_csd_unit_norm_form_equals_direct():
     torch.testing.assert_close(light, direct, rtol=0, atol=1e-13)
 
 
+def test_csd_half_inputs_do_not_overflow():
+    """Σσ² over 512 dims at log σ² = 5 is ≈ 76,000: beyond fp16's 65,504, so the CSD is taken in float32."""
+    mu_p, _ = gaussians(3, 512, seed=6)
+    mu_q, _ = gaussians(2, 512, seed=7)
+    lv_p, lv_q = torch.full((3, 512), 5.0, dtype=f64), torch.full((2, 512), 5.0, dtype=f64)
+    ref = csd(mu_p, lv_p, mu_q, lv_q)
+    for unit in (False, True):
+        half = csd(*(t.half() for t in (mu_p, lv_p, mu_q, lv_q)), assume_unit_norm=unit)
+        assert half.dtype == torch.float32 and torch.isfinite(half).all()
+        torch.testing.assert_close(half.double(), ref, rtol=1e-3, atol=0)
+
+
 def test_csd_is_exactly_symmetric():
     mu_p, lv_p = gaussians(6, 8, seed=4)
     mu_q, lv_q = gaussians(6, 8, seed=5)

@@ -90,6 +90,38 @@ def test_zoom_changes_the_image_embedding_through_gsd(tiny_model):
     assert not torch.allclose(feats[0], feats[1]) and not torch.allclose(feats[1], feats[2])
 
 
+def test_gsd_embedding_keeps_the_residual_stream_float32_under_autocast(tiny_model):
+    """Under AMP the float32 GSD embedding promotes the tokens to float32 (official, timm); a bf16 model stays bf16."""
+    tiny_model.eval()
+    encoder = tiny_model.image.encoder
+    seen: list[torch.dtype] = []
+    hook = encoder.backbone.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    img, zoom = torch.randn(2, 3, 64, 64), torch.tensor([1, 5])
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            encoder(img, zoom)
+        assert seen == [torch.float32]
+        half = create_model("psm-tiny", seed=0).image.encoder.to(torch.bfloat16).eval()
+        with torch.no_grad():
+            assert half(img.to(torch.bfloat16), zoom).dtype == torch.bfloat16
+    finally:
+        hook.remove()
+
+
+def test_fusion_sequence_is_float32_under_autocast():
+    """The official float32 CLS promotes the fusion input to float32 under AMP; a bf16 model stays bf16."""
+    model = create_model("psm-tiny", overrides={"metadata": {"types": ["month", "hour"]}}, seed=0).eval()
+    fusion = model.image.fusion
+    seen: list[torch.dtype] = []
+    fusion.transformer.layers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    feats = torch.randn(2, 32).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fusion(feats, None)
+    assert seen == [torch.float32]
+    with torch.no_grad():
+        assert fusion.to(torch.bfloat16)(feats, None).dtype == torch.bfloat16
+
+
 def test_metadata_masked_by_name_ignores_the_masked_values(tiny_model):
     tiny_model.eval()
     batch = tiny_batch(tiny_model)
@@ -180,6 +212,9 @@ def test_bad_inputs_give_clear_errors(tiny_model):
         tiny_model.image_features(torch.randn(2, 3, 32, 32), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match=r"zoom level\(s\) \[2.0\] not in this model's config \[1, 3, 5\]"):
         tiny_model.image_features(torch.randn(2, 3, 64, 64), torch.tensor([1, 2]))
+    # a fractional zoom is not truncated to a configured level (it would silently give 15 m instead of 10 m)
+    with pytest.raises(ValueError, match=r"zoom level\(s\) \[1.5\] not in this model's config"):
+        tiny_model.image_features(torch.randn(2, 3, 64, 64), torch.tensor([1.5, 3.0]))
     with pytest.raises(ValueError, match="audio input_features must have shape"):
         tiny_model.encode_audio(torch.randn(2, 1001, 64), torch.tensor([True, False]))
     with pytest.raises(ValueError, match="out of the vocabulary range"):

@@ -86,8 +86,12 @@ def csd(mu_p: Tensor, logvar_p: Tensor, mu_q: Tensor, logvar_q: Tensor, *, assum
 
     The default forms the squared difference directly, as training does; `assume_unit_norm`
     uses 2 − 2 μ_p·μ_q instead (one matmul, the official evaluation's form for big galleries).
+    Half-precision inputs give a float32 result.
     """
     _check_pair(mu_p, logvar_p, mu_q, logvar_q)
+    # Half inputs are lifted to float32 as in the loss: Σσ² over the dims overflows fp16 past 65504.
+    dtype = torch.promote_types(mu_p.dtype, torch.float32)
+    mu_p, logvar_p, mu_q, logvar_q = (t.to(dtype) for t in (mu_p, logvar_p, mu_q, logvar_q))
     mu_part, sigma_part = _csd_parts(mu_p, logvar_p, mu_q, logvar_q, assume_unit_norm)
     return mu_part + sigma_part
 

@@ -45,10 +45,15 @@ def save_checkpoint(
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     for k, v in (extra_tensors or {}).items():
         tensors[EXTRA_PREFIX + k] = v.detach().contiguous().cpu()
+    config = model.config.to_dict()
+    # The CLAP weights are in the file (loading ignores `pretrained`); a local folder there would leak a path.
+    for tower in ("audio", "text"):
+        if config.get(tower) is not None:
+            config[tower]["pretrained"] = None
     meta = {
         "format": "psm-checkpoint",
         "format_version": FORMAT_VERSION,
-        "model": model.config.to_dict(),
+        "model": config,
         "info": dict(info or {}),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)

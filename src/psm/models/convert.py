@@ -55,7 +55,9 @@ KEY_RULES: tuple[tuple[str, str], ...] = (
     ("text_encoder.mean_head.", "text.head.mean_head."),
     ("text_encoder.std_head.", "text.head.logvar_head."),
     ("text_encoder.head.", "text.head.head."),
-    ("criterion.", "loss."),  # PCME++ shift / negative_scale, or InfoNCE tau: kept as extra tensors
+    # PCME++ shift / negative_scale or InfoNCE tau, kept as extra tensors in the layout training exports
+    # (``loss.`` + the TriModalLoss state-dict key), so both load into TriModalLoss the same way.
+    ("criterion.", "loss.criterion."),
 )
 
 # Buffers that older transformers saved and newer ones rebuild themselves; dropping them loses nothing.

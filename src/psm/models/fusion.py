@@ -114,10 +114,9 @@ class MetadataFusion(nn.Module):
             emb = net(values.to(image_feature.device) if isinstance(net, nn.Embedding) else values.to(image_feature))
             tokens.append(emb * valid.unsqueeze(1).to(emb.dtype))  # masked tokens are also zeroed, as official
             masks.append(valid)
-        seq = torch.cat(
-            [self.cls_token.expand(B, -1, -1).to(image_feature), image_feature[:, None]] + [t[:, None] for t in tokens],
-            dim=1,
-        )
+        # Under autocast the float32 CLS keeps the sequence float32, as the official torch.cat promotion does.
+        cls = self.cls_token.expand(B, -1, -1).to(torch.promote_types(image_feature.dtype, self.cls_token.dtype))
+        seq = torch.cat([cls, image_feature[:, None]] + [t[:, None] for t in tokens], dim=1)
         always = torch.ones(B, 2, dtype=torch.bool, device=image_feature.device)  # CLS and image
         key_padding_mask = ~torch.cat([always, torch.stack(masks, dim=1)], dim=1) if masks else ~always
         return self.transformer(seq, src_key_padding_mask=key_padding_mask)[:, 0]

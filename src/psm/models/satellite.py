@@ -64,8 +64,9 @@ class SatelliteEncoder(nn.Module):
             raise ValueError(f"images must have shape (B, 3, {size}, {size}), got {tuple(images.shape)}")
         if zoom.ndim != 1 or zoom.shape[0] != images.shape[0]:
             raise ValueError(f"zoom must have shape ({images.shape[0]},), got {tuple(zoom.shape)}")
-        allowed = torch.tensor(self.cfg.zoom_levels, device=zoom.device)
-        bad = ~torch.isin(zoom.to(allowed.dtype), allowed)
+        # Compared as floats: casting a fractional zoom to the integer levels would truncate 1.5 to 1 and pass.
+        allowed = torch.tensor(self.cfg.zoom_levels, dtype=torch.float64, device=zoom.device)
+        bad = ~torch.isin(zoom.to(torch.float64), allowed)
         if bad.any():
             levels = sorted({float(z) for z in zoom[bad].tolist()})
             raise ValueError(f"zoom level(s) {levels} not in this model's config {list(self.cfg.zoom_levels)}")
@@ -75,7 +76,10 @@ class SatelliteEncoder(nn.Module):
         self.check_inputs(images, zoom)
         vit = self.backbone
         x = vit.patch_embed(images)
-        pos = gsd_pos_embed(self.resolution(zoom), self.grid_size, x.shape[-1]).to(x.dtype)
+        # Under autocast the conv gives fp16/bf16 but the float32 embedding promotes the residual stream to
+        # float32, as in the official code (and timm's learned pos_embed); a half-precision model stays half.
+        pos_dtype = torch.promote_types(x.dtype, vit.patch_embed.proj.weight.dtype)
+        pos = gsd_pos_embed(self.resolution(zoom), self.grid_size, x.shape[-1]).to(pos_dtype)
         x = vit.pos_drop(x + pos)
         x = vit.norm_pre(vit.patch_drop(x))
         x = vit.blocks(x)
