@@ -400,3 +400,81 @@ def test_markdown_report_explains_the_recall_it_shows(result):
     md = markdown_report({**result, "recall_pct": 5.0, "results": rows})
     assert "| z1 I2S R@5% |" in md and "R@5% = share of queries whose" in md and "< 5/100 · N" in md
     assert "R@10%" not in md
+
+
+def test_atomic_outputs_get_the_usual_file_mode(tmp_path):
+    """metrics.json/metrics.md and the Parquet came out 0600 (mkstemp's mode), unlike any other written file."""
+    import os
+
+    from psm.evaluation.embed import write_parquet_atomic
+    from psm.evaluation.report import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        text = write_text_atomic(tmp_path / "m.json", "{}\n")
+        table = write_parquet_atomic(pa.table({"key": ["a"]}), tmp_path / "e.parquet")
+    finally:
+        os.umask(old)
+    assert oct(text.stat().st_mode & 0o777) == oct(table.stat().st_mode & 0o777) == oct(0o644)
+    assert text.read_text() == "{}\n" and pq.read_table(table).column("key").to_pylist() == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.parquet", "m.json"]  # no temporary left
+
+
+def test_a_split_where_nothing_loads_names_the_manifest_and_a_problem(
+    model, small_world, converted_checkpoint, tmp_path, capsys
+):
+    """When every sample was skipped the error said only "no sample could be loaded": no file, row or reason."""
+    df = pd.read_csv(small_world["manifest"])
+    df["audio_path"] = "audio/missing.wav"
+    df["image_sentinel2"] = str(small_world["root"] / "s2.tif")
+    manifest = tmp_path / "nothing-loads.csv"
+    df.to_csv(manifest, index=False)
+    with pytest.raises(ValueError) as err:
+        evaluate_manifest(model, manifest, "test", zooms=(1,), tokenizer=small_world["tokenizer"], batch_size=8)
+    message = str(err.value)
+    assert str(manifest) in message and "split 'test'" in message
+    assert "13 problems" in message and "row 0, key s00" in message and "missing.wav" in message
+    with pytest.raises(ValueError, match=r"no rows in split 'tst'"):
+        evaluate_manifest(model, manifest, "tst", zooms=(1,))
+    argv = ["embed", "--checkpoint", str(converted_checkpoint), "--manifest", str(manifest), "--zoom", "1", "-q"]
+    assert cli_main([*argv, "--out", str(tmp_path / "e.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"psm embed: {manifest}: no sample of split 'test'") and "row 0, key s00" in err
+    assert not (tmp_path / "e.parquet").exists()
+
+
+def test_parquet_vectors_of_present_rows_are_written_as_they_are(model):
+    """Null-masked columns ran np.nan_to_num over every row: a present row's NaN became 0 and inf 3.4e38."""
+    from psm.evaluation.embed import SplitEmbeddings, embeddings_table
+    from psm.models.heads import GaussianEmbedding
+
+    d = model.config.embed_dim
+    audio = GaussianEmbedding.from_raw(torch.ones(3, d), torch.zeros(3, d))
+    raw = torch.ones(3, d)
+    raw[2] = 0.0  # no caption
+    logvar = torch.zeros(3, d)
+    logvar[0, 0], logvar[1, 0] = float("inf"), float("nan")  # broken, but present: must stay visible
+    text = GaussianEmbedding(raw / raw.norm(dim=-1, keepdim=True), logvar, raw)
+    text.mean[2] = float("nan")
+    emb = SplitEmbeddings(["a", "b", "c"], audio, text, torch.tensor([True, True, False]))
+    column = embeddings_table(model, emb).column("text_logvar").to_pylist()
+    assert column[0][0] == float("inf") and np.isnan(column[1][0]) and column[2] is None
+    assert column[0][1:] == [0.0] * (d - 1)
+
+
+def test_default_evaluate_out_is_next_to_the_checkpoint_folder(tmp_path, monkeypatch):
+    """``--checkpoint .`` wrote to a hidden ``.-eval-test`` folder inside the checkpoint, not next to it."""
+    import psm.evaluation.command as command
+
+    seen = []
+
+    def stop(path, folder):
+        seen.append(path)
+        raise command._UsageError("stopped before the run")
+
+    monkeypatch.setattr(command, "_check_out", stop)
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path / "ckpt")
+    for checkpoint in (".", str(tmp_path / "ckpt") + "/"):
+        assert cli_main(["evaluate", "--checkpoint", checkpoint, "--manifest", "m.csv", "-q"]) == 2
+    assert [p.resolve() for p in seen] == [tmp_path / "ckpt-eval-test"] * 2

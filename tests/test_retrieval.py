@@ -215,3 +215,12 @@ def test_importing_the_metric_is_cheap():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "'recall_at_10pct': 0.0, 'median_rank': 1.0" in out.stdout
+
+
+def test_numpy_layouts_and_dtypes_torch_refuses_are_ranked():
+    """A reversed view, big-endian data and uint16/uint32 scores crashed (torch.as_tensor refuses them)."""
+    s = np.array([[0.2, 0.9, 0.1], [0.5, 0.4, 0.3], [0.6, 0.7, 0.8]])  # diagonal ranks 2, 2, 1
+    flipped = s[::-1, ::-1]  # negative strides; diagonal ranks 1, 2, 2
+    np.testing.assert_array_equal(retrieval_metrics(flipped, return_ranks=True)["ranks"], [1.0, 2.0, 2.0])
+    for variant in (flipped, s.astype(">f8"), (s * 10).astype(np.uint16), (s * 10).astype(np.uint32)):
+        assert retrieval_metrics(variant, recall_pct=50) == {"recall_at_50pct": 1 / 3, "median_rank": 2.0}

@@ -75,7 +75,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from psm.evaluation.evaluate import evaluate_manifest
     from psm.evaluation.report import markdown_report, write_metrics
 
-    out = Path(args.out) if args.out else Path(f"{Path(args.checkpoint)}-eval-{args.split or 'all'}")
+    # resolve(): "--checkpoint ." must name the folder, not a hidden ".-eval-…" inside it
+    ckpt = Path(args.checkpoint).resolve()
+    out = Path(args.out) if args.out else ckpt.with_name(f"{ckpt.name}-eval-{args.split or 'all'}")
     try:
         _check_out(out, folder=True)
         model, tokenizer, device = _load(args)
@@ -112,7 +114,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_embed(args: argparse.Namespace) -> int:
     from psm.data.errors import DataError, SkipLog
     from psm.data.manifest import ManifestError
-    from psm.evaluation.embed import embed_split, embeddings_table, write_parquet_atomic
+    from psm.evaluation.embed import (
+        NothingLoadedError,
+        embed_split,
+        embeddings_table,
+        nothing_loaded_message,
+        write_parquet_atomic,
+    )
     from psm.evaluation.evaluate import count_split_rows, manifest_loaders, source_zoom_levels
 
     try:
@@ -121,6 +129,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         source = args.imagery_source or model.config.image.imagery_source
         zooms = tuple(args.zoom) if args.zoom else source_zoom_levels(source)
         expected = count_split_rows(args.manifest, args.split)
+        if expected == 0:
+            raise _UsageError(f"{args.manifest}: no rows in split {args.split!r}")
         log = SkipLog()  # in memory: complete with --num-workers 0; the per-zoom counts are always complete
         ds, batches = manifest_loaders(
             model,
@@ -133,9 +143,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             skip_log=log,
             raster=_raster(args),
         )
-        emb = embed_split(
-            model, batches, zooms, tokenizer=tokenizer, device=device, progress=None if args.quiet else _progress
-        )
+        try:
+            emb = embed_split(
+                model, batches, zooms, tokenizer=tokenizer, device=device, progress=None if args.quiet else _progress
+            )
+        except NothingLoadedError as e:  # say why, with the file and row of a skipped sample
+            raise NothingLoadedError(nothing_loaded_message(args.manifest, args.split, log.problems)) from e
     except (_UsageError, ManifestError, DataError, ValueError, FileNotFoundError) as e:
         print(f"psm embed: {e}", file=sys.stderr)
         return 2

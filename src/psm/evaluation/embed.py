@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,17 @@ from psm.models.heads import GaussianEmbedding
 from psm.models.psm import PSM
 
 BatchesForZoom = Callable[[int], Iterable[Batch | None]]
+
+
+class NothingLoadedError(ValueError):
+    """No sample of the split could be loaded: every one was skipped by the data error policy."""
+
+
+def nothing_loaded_message(manifest: str | Path, split: str | None, problems: Sequence[object]) -> str:
+    """Why nothing loaded, naming the manifest, the split and the first problem (file, row, key, reason)."""
+    reasons = list(dict.fromkeys(str(p) for p in problems))
+    first = f"; first: {reasons[0]}" if reasons else ""
+    return f"{manifest}: no sample of split {split!r} could be loaded ({len(reasons)} problems{first})"
 
 
 @dataclass
@@ -212,7 +222,7 @@ def embed_split(
             progress(f"zoom {zoom}: embedded {n} samples")
 
     if not index:
-        raise ValueError("no sample could be loaded: nothing to evaluate")
+        raise NothingLoadedError("no sample could be loaded: nothing to evaluate")
     audio_all = _cat(audio_parts)
     text_all = None
     captions = torch.zeros(len(index), dtype=torch.bool)
@@ -262,7 +272,8 @@ def _vector_column(values: Tensor, present: np.ndarray | None = None) -> Any:
 
     arr = values.detach().float().cpu().numpy().astype(np.float32, copy=False)
     dim = arr.shape[1]
-    flat = np.nan_to_num(arr, nan=0.0) if present is not None else arr
+    # Zero only the hidden slots of null rows: a present row's NaN or inf is data and stays as it is.
+    flat = np.where(present[:, None], arr, np.float32(0)) if present is not None else arr
     mask = None if present is None else pa.array(~present)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=mask)
 
@@ -335,9 +346,11 @@ def write_parquet_atomic(table: Any, path: str | Path) -> Path:
     """Write ``table`` to ``path`` via a temporary file in the same folder and a rename (never half-written)."""
     import pyarrow.parquet as pq
 
+    from psm.evaluation.report import temp_sibling
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_sibling(path)  # not mkstemp: its 0600 mode would become the output's
     os.close(fd)
     try:
         pq.write_table(table, tmp)

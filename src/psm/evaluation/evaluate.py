@@ -19,7 +19,16 @@ from typing import Any
 import torch
 
 from psm.data.metadata import check_metadata_names
-from psm.evaluation.embed import BatchesForZoom, SplitEmbeddings, embed_split, fuse_image, take, to_device
+from psm.evaluation.embed import (
+    BatchesForZoom,
+    NothingLoadedError,
+    SplitEmbeddings,
+    embed_split,
+    fuse_image,
+    nothing_loaded_message,
+    take,
+    to_device,
+)
 from psm.evaluation.retrieval import fuse_query, metrics_from_ranks, retrieval_ranks, sigma_l1
 from psm.models.heads import GaussianEmbedding
 from psm.models.psm import PSM
@@ -291,6 +300,8 @@ def evaluate_manifest(
         raise ValueError(f"zoom levels {bad} are not offered by {source!r} (levels {source_zoom_levels(source)})")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     expected = count_split_rows(manifest, split)
+    if expected == 0:
+        raise ValueError(f"{manifest}: no rows in split {split!r}")
     with tempfile.TemporaryDirectory(prefix="psm-eval-") as tmp:
         # A file-backed log: DataLoader workers are processes, and their in-memory records would be lost.
         skip_log = SkipLog(Path(tmp) / "skipped")
@@ -307,18 +318,21 @@ def evaluate_manifest(
             raster=raster,
         )
         result_info = {"manifest": str(manifest), "split": split, "imagery_source": source, **(info or {})}
-        result = evaluate_model(
-            model,
-            batches,
-            zooms,
-            tokenizer=tokenizer,
-            metadata=metadata,
-            recall_pct=recall_pct,
-            device=device,
-            expected=expected,
-            info=result_info,
-            progress=progress,
-        )
+        try:
+            result = evaluate_model(
+                model,
+                batches,
+                zooms,
+                tokenizer=tokenizer,
+                metadata=metadata,
+                recall_pct=recall_pct,
+                device=device,
+                expected=expected,
+                info=result_info,
+                progress=progress,
+            )
+        except NothingLoadedError as e:  # say why, with the file and row of a skipped sample
+            raise NothingLoadedError(nothing_loaded_message(manifest, split, SkipLog.read_all(skip_log.path))) from e
         found = [str(p) for p in SkipLog.read_all(skip_log.path)]
     result["samples"]["problems"] = list(dict.fromkeys(found))[:200]
     result["samples"]["num_problems"] = len(set(found))

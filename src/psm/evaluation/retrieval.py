@@ -43,7 +43,18 @@ G = TypeVar("G", bound=GaussianLike)
 
 
 def _as_tensor(scores: Any) -> Tensor:
-    t = scores.detach() if isinstance(scores, Tensor) else torch.as_tensor(np.asarray(scores))
+    """Scores as a tensor; numpy layouts torch refuses (reversed views, big-endian, uint16+) are converted."""
+    if isinstance(scores, Tensor):
+        t = scores.detach()
+    else:
+        a = np.asarray(scores)
+        if a.dtype.kind in "iuf" and not a.dtype.isnative:  # e.g. read from a big-endian file
+            a = a.astype(a.dtype.newbyteorder("="))
+        if a.dtype.kind == "u" and a.dtype.itemsize > 1:  # torch cannot compare uint16/32/64
+            if a.dtype.itemsize == 8 and a.size and a.max() > np.iinfo(np.int64).max:
+                raise TypeError("uint64 scores above 2**63 - 1 are not supported")
+            a = a.astype(np.int64)
+        t = torch.as_tensor(np.ascontiguousarray(a))  # negative strides (a[::-1]) are refused by torch
     if t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"scores must be real numbers, got {t.dtype}")
     return t
