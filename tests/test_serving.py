@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import socket
 import subprocess
 import sys
 import threading
@@ -36,7 +37,10 @@ def served(tmp_path_factory):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     host, port = server.server_address[:2]
-    yield {"url": f"http://{host}:{port}", "service": service, "root": root, "ckpt": ckpt, "index": index_dir}
+    yield {
+        "url": f"http://{host}:{port}", "service": service, "root": root, "ckpt": ckpt, "index": index_dir,
+        "server": server,
+    }  # fmt: skip
     server.shutdown()
     server.server_close()
 
@@ -49,6 +53,23 @@ def get(url: str, data: bytes | None = None) -> tuple[int, str, bytes]:
             return r.status, r.headers["Content-Type"], r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.headers["Content-Type"], e.read()
+
+
+def raw_request(url: str, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``data`` as is on a new connection to the server at ``url`` and return what comes back before the
+    server closes; b"TIMEOUT" if it neither answers nor closes within ``timeout`` seconds."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            return b"TIMEOUT"
+    return answer
 
 
 def test_info_and_page(served):
@@ -147,6 +168,7 @@ def test_audio_query_by_post(served, tmp_path):
         ("/map.tif?text=birds&mnth=5", "unknown parameters ['mnth']"),
         ("/map.tif?text=birds&month=5&month=6", "given 2 times"),
         ("/api/top?text=birds&k=0", "k must be"),
+        ("/api/top?text=birds&month=nan", "finite number"),
         ("/api/top?filename=x.exe", "audio file name"),
         ("/api/top?text=birds&filename=a.wav", "either text or an audio body"),
     ],
@@ -240,6 +262,12 @@ def test_query_page_in_a_browser(served):
         assert xyz.startswith(served["url"] + "/tiles/{z}/{x}/{y}.png?") and "month=5" in xyz
         page.click("#top")
         page.wait_for_function("document.querySelectorAll('#places tbody tr').length === 20", timeout=60_000)
+        # braces typed in the query stay encoded in the XYZ URL: only {z}, {x} and {y} are for the GIS to fill
+        page.fill("#text", "{x} birds")
+        page.click("#draw")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('drawn')", timeout=60_000)
+        xyz = page.input_value("#xyz")
+        assert xyz.count("{") == 3 and "text=%7Bx%7D+birds" in xyz
         # an hour out of range is stopped by the form itself
         page.fill("#hour", "99")
         page.click("#draw")
@@ -324,9 +352,121 @@ def test_tiles_show_the_maps_scores_on_its_colour_scale(served):
         ("/tiles/30/0/0.png?text=birds", 400, "no tile"),
         ("/tiles/2/4/0.png?text=birds", 400, "no tile"),
         ("/tiles/2/a/0.png?text=birds", 400, "a tile is /tiles/Z/X/Y.png"),
+        ("/tiles/" + "9" * 5000 + "/0/0.png?text=birds", 400, "a tile is /tiles/Z/X/Y.png"),
         ("/tiles/2/1/1.png?month=5", 400, "text query"),
     ],
 )
 def test_bad_tile_requests(served, path, status, message):
     got, _, body = get(served["url"] + path)
     assert got == status and message in json.loads(body)["error"]
+
+
+def test_tile_coordinates_in_other_digits_are_a_400(served):
+    # "²" (byte B2 of the request line) passes str.isdigit() but not int(): a 400, not an internal error
+    answer = raw_request(served["url"], b"GET /tiles/\xb2/0/0.png?text=birds HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 400") and b"a tile is" in answer
+
+
+def test_head_requests(served):
+    for path, ctype in (("/health", "text/plain; charset=utf-8"), ("/tiles/12/2190/1342.png?text=birds", "image/png")):
+        req = urllib.request.Request(served["url"] + path, method="HEAD")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == ctype and r.read() == b""
+            assert int(r.headers["Content-Length"]) > 0
+
+
+def test_tiles_can_be_read_from_other_origins(served):
+    # a web map on another origin that fetches its tiles (MapLibre, OpenLayers with crossOrigin) needs CORS
+    with urllib.request.urlopen(served["url"] + "/tiles/12/2190/1342.png?text=birds", timeout=120) as r:
+        assert r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_bad_or_stalled_bodies_do_not_hold_the_server(served, monkeypatch):
+    assert 0 < served["server"].RequestHandlerClass.timeout <= 600  # the default too ends a stalled request
+    monkeypatch.setattr(served["server"].RequestHandlerClass, "timeout", 1.0)
+    post = b"POST /api/top?filename=a.wav HTTP/1.0\r\nContent-Length: %s\r\n\r\nabc"
+    answer = raw_request(served["url"], post % b"-1")  # read(-1) would wait for the client to close
+    assert answer.startswith(b"HTTP/1.0 400") and b"Content-Length" in answer
+    answer = raw_request(served["url"], post % b"100")  # 3 of 100 bytes, then silence
+    assert answer.startswith(b"HTTP/1.0 408")
+    assert raw_request(served["url"], b"GET /health HTTP/1.0\r\n") == b""  # headers never finished: closed
+
+
+def test_a_slow_reader_gets_the_whole_answer(served, monkeypatch):
+    # The request timeout bounds each write, not the whole answer: a big map to a slow client arrives whole.
+    import socket
+
+    monkeypatch.setattr(served["server"].RequestHandlerClass, "timeout", 1.0)
+    monkeypatch.setattr(served["service"], "render", lambda *args, **kwargs: bytes(4 << 20))
+    host, port = served["url"].removeprefix("http://").split(":")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        s.settimeout(30)
+        s.connect((host, int(port)))
+        s.sendall(b"GET /map.tif?text=birds HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(1 << 16):
+            answer += chunk
+            time.sleep(0.05)  # ~1 MB/s: the answer takes ~4 s, the timeout is 1 s
+    assert answer.endswith(bytes(4 << 20)) and b"Content-Length: 4194304" in answer
+
+
+def test_oversized_body_that_is_sent_gets_its_413(served, monkeypatch):
+    # The client sends the whole body before it reads the answer: unread data would reset the connection.
+    monkeypatch.setattr("psm.serving.server.MAX_AUDIO_BYTES", 1 << 20)
+    status, _, body = get(served["url"] + "/api/top?filename=a.wav", data=bytes(16 << 20))
+    assert status == 413 and "over 1 MiB" in json.loads(body)["error"]
+
+
+def test_errors_do_not_show_server_paths(served, monkeypatch):
+    index = str(Path(served["index"]).resolve())
+    status, _, body = get(served["url"] + "/map.tif?text=birds&zoom=5")
+    assert status == 400 and "zoom 5" in json.loads(body)["error"] and index not in body.decode()
+
+    def broken(*args, **kwargs):
+        raise PermissionError("[Errno 13] Permission denied: '/srv/lab/psm-cache/z3.npy'")
+
+    monkeypatch.setattr(served["service"], "render", broken)
+    status, _, body = get(served["url"] + "/map.png?text=birds")
+    assert status == 500 and "PermissionError" in body.decode() and "/srv/lab" not in body.decode()
+
+
+def test_a_client_that_leaves_is_not_an_error(served, monkeypatch, caplog):
+    # Web maps drop the tiles they no longer show: the server notes it, without an error and a traceback.
+    import socket
+    import struct
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        return bytes(8 << 20)
+
+    monkeypatch.setattr(served["service"], "render", slow)
+    host, port = served["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"GET /map.png?text=birds HTTP/1.0\r\n\r\n")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    time.sleep(1.5)
+    assert not [r for r in caplog.records if r.levelno >= 40], [r.getMessage() for r in caplog.records]
+    assert get(served["url"] + "/health")[0] == 200
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(("host", "client"), [("::1", "[::1]"), ("", "127.0.0.1")])
+def test_binds_to_ipv6_and_to_every_address(served, host, client):
+    if ":" in host and not _ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback")
+    server = make_server(served["service"], host, 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert get(f"http://{client}:{server.server_address[1]}/health")[:2] == (200, "text/plain; charset=utf-8")
+    finally:
+        server.shutdown()
+        server.server_close()

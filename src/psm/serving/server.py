@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import re
+import socket
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -35,6 +39,10 @@ TILE_SIZE = 256
 MAX_TILE_ZOOM = 22
 WEB_MERCATOR_HALF = 20_037_508.342789244  # half the side of the EPSG:3857 world square, metres
 RASTER_CACHE_SIZE = 4  # scored rasters kept for tile requests (each H×W float32: 40 MB for 10 million points)
+REQUEST_TIMEOUT_S = 60.0  # a connection silent this long is dropped: a stalled client must not hold a thread forever
+WRITE_CHUNK = 1 << 18  # answers go out in pieces of this: a slow reader must take each within the timeout
+MAX_DRAIN_BYTES = 4 * MAX_AUDIO_BYTES  # an oversized body up to this is read and discarded so its 413 arrives
+TILE_COORD = re.compile(r"[0-9]{1,8}")  # ASCII digits only (int() also takes "²"-like digits and huge strings)
 
 
 class RequestError(ValueError):
@@ -71,9 +79,12 @@ def _number(params: Mapping[str, list[str]], name: str, kind: type = float) -> A
     if value is None:
         return None
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
         raise RequestError(f"parameter {name!r} must be a number, got {value!r}") from None
+    if not math.isfinite(number):  # range checks pass NaN, and NaN would reach the cache and the JSON answer
+        raise RequestError(f"parameter {name!r} must be a finite number, got {value!r}")
+    return number
 
 
 def _flag(params: Mapping[str, list[str]], name: str) -> bool | None:
@@ -173,6 +184,17 @@ class MapService:
         # of a new setting is then computed once, not by two requests racing for it.
         self._lock = threading.Lock()
         self._rasters: dict[str, tuple[Any, float, float]] = {}
+        # Server paths that library messages quote (e.g. a zoom not in the index), longest first: a client is
+        # told the folder's name, not where it lies on the server's disk.
+        paths = [Path(p) for p in (index, checkpoint, folder, cache_dir) if p]
+        named = {str(q): q.name for p in paths for q in (p, p.resolve())}
+        self._paths = sorted(((k, v) for k, v in named.items() if os.sep in k), key=lambda kv: -len(kv[0]))
+
+    def redact(self, message: str) -> str:
+        """``message`` with the server's index, checkpoint, tokenizer and cache paths cut to their folder names."""
+        for path, name in self._paths:
+            message = message.replace(path, name)
+        return message
 
     def info(self) -> dict[str, Any]:
         """What a client needs to build a query: metadata the model uses and their vocabularies, zooms, area."""
@@ -347,6 +369,7 @@ class MapRequestHandler(BaseHTTPRequestHandler):
 
     service: MapService  # set on the subclass make_server builds
     server_version = "psm-serve"
+    timeout = REQUEST_TIMEOUT_S  # per socket read/write: a half-sent request (slowloris) ends, not waits forever
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
@@ -354,20 +377,32 @@ class MapRequestHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._dispatch(body=None)
 
+    def do_HEAD(self) -> None:
+        """GET's status and headers without the body (health checks, ``curl -I``); _send leaves the body out."""
+        self._dispatch(body=None)
+
     def do_POST(self) -> None:
         length = self.headers.get("Content-Length")
         if length is None:
             self._error(HTTPStatus.LENGTH_REQUIRED, "POST needs a Content-Length (the audio clip's size)")
             return
-        try:
-            n = int(length)
-        except ValueError:
+        # Digits only: int() also takes "-1" (read(-1) then waits for the client to close) and "1_0".
+        if not (length.strip().isascii() and length.strip().isdigit()):
             self._error(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}")
             return
+        n = int(length)
         if n > MAX_AUDIO_BYTES:
+            self.close_connection = True
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"audio body over {MAX_AUDIO_BYTES // 2**20} MiB")
+            if n <= MAX_DRAIN_BYTES:  # closing on unread data resets the connection: the client never sees the 413
+                self._discard(n)
             return
-        body = self.rfile.read(n)
+        try:
+            body = self.rfile.read(n)
+        except TimeoutError:
+            self.close_connection = True
+            self._error(HTTPStatus.REQUEST_TIMEOUT, f"no part of the body came for {self.timeout:g} s")
+            return
         if len(body) != n:
             self._error(HTTPStatus.BAD_REQUEST, f"body ended after {len(body)} of {n} bytes")
             return
@@ -397,30 +432,55 @@ class MapRequestHandler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, MAP_FORMATS[fmt], data, download=f"psm-map.{fmt}" if fmt == "tif" else None)
             elif route.startswith("/tiles/") and route.endswith(".png") and body is None:
                 parts = route[len("/tiles/") : -len(".png")].split("/")
-                if len(parts) != 3 or not all(p.isdigit() for p in parts):
+                if len(parts) != 3 or not all(TILE_COORD.fullmatch(p) for p in parts):
                     raise RequestError(f"a tile is /tiles/Z/X/Y.png, got {url.path}")
                 z, x, y = (int(p) for p in parts)
-                self._send(HTTPStatus.OK, "image/png", self.service.tile(parse_query_request(params), z, x, y))
+                tile = self.service.tile(parse_query_request(params), z, x, y)
+                # Any origin may read tiles: web maps that fetch them (MapLibre, OpenLayers with crossOrigin) need it.
+                self._send(HTTPStatus.OK, "image/png", tile, cors=True)
             elif route == "/api/top":
                 req = parse_query_request(params)
                 self._json(self.service.top(req, audio=body, filename=_one(params, "filename")))
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no route {self.command} {url.path}")
         except (RequestError, MapQueryError, MetadataError, AudioDecodeError) as e:
-            self._error(HTTPStatus.BAD_REQUEST, str(e))
+            self._error(HTTPStatus.BAD_REQUEST, self.service.redact(str(e)))
         except Exception as e:
             log.exception("request %s failed", self.path)
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
+            # The text of an unexpected error may quote server paths: it goes to the log, the type to the client.
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error ({type(e).__name__}); see the server log")
 
-    def _send(self, status: HTTPStatus, ctype: str, data: bytes, download: str | None = None) -> None:
+    def _discard(self, n: int) -> None:
+        """Read and drop up to ``n`` body bytes, until the client stops sending or goes quiet."""
+        try:
+            while n > 0:
+                chunk = self.rfile.read1(min(n, 1 << 20))
+                if not chunk:
+                    break
+                n -= len(chunk)
+        except (TimeoutError, ConnectionError):
+            pass
+
+    def _send(
+        self, status: HTTPStatus, ctype: str, data: bytes, download: str | None = None, cors: bool = False
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         if download:
             self.send_header("Content-Disposition", f'attachment; filename="{download}"')
-        self.end_headers()
-        self.wfile.write(data)
+        if cors:
+            self.send_header("Access-Control-Allow-Origin", "*")
+        try:
+            self.end_headers()
+            if self.command != "HEAD":
+                view = memoryview(data)
+                for start in range(0, len(data), WRITE_CHUNK):  # the timeout bounds one sendall, not the answer
+                    self.wfile.write(view[start : start + WRITE_CHUNK])
+        except (ConnectionError, TimeoutError):  # the client left (a web map drops tiles it no longer shows)
+            self.close_connection = True
+            log.info("%s left before the answer to %s", self.address_string(), self.path)
 
     def _json(self, obj: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
         self._send(status, "application/json", json.dumps(obj, indent=1).encode())
@@ -432,7 +492,10 @@ class MapRequestHandler(BaseHTTPRequestHandler):
 def make_server(service: MapService, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """An HTTP server for ``service`` (port 0 picks a free port: see ``server.server_address``)."""
     handler = type("BoundMapRequestHandler", (MapRequestHandler,), {"service": service})
-    server = ThreadingHTTPServer((host, port), handler)
+    # The socket family of the host: ThreadingHTTPServer alone is IPv4 and fails on "::" or "::1" ("" stays IPv4).
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MapHTTPServer", (ThreadingHTTPServer,), {"address_family": family})
+    server = server_class((host, port), handler)
     server.daemon_threads = True
     return server
 
@@ -440,7 +503,8 @@ def make_server(service: MapService, host: str = "127.0.0.1", port: int = 8000) 
 def serve(service: MapService, host: str = "127.0.0.1", port: int = 8000, announce: Sequence[str] = ()) -> None:
     """Serve until interrupted (Ctrl-C)."""
     server = make_server(service, host, port)
-    address = f"http://{server.server_address[0]}:{server.server_address[1]}/"
+    host, port = server.server_address[:2]
+    address = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
     for line in (*announce, f"psm serve: {address}  (Ctrl-C stops)"):
         print(line, flush=True)
     try:
