@@ -73,6 +73,21 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     results[f"{mode}/{kind}/grad/{k}"] = v.grad
                 for k, p in combiner.named_parameters():
                     results[f"{mode}/{kind}/grad/{k}"] = p.grad
+        # Uneven batches: the data's error policy skipped rank 1's last sample.
+        n_local = B if rank == 0 else B - 1
+        results["uneven/gathered"] = all_gather_with_grad(x[:n_local])
+        leaves = leaf_copy(global_leaves(), slice(rank * B, rank * B + n_local))
+        loss = forward(leaves, TriModalLoss("pcmepp", distributed="global").double())
+        loss.backward()
+        results["uneven/loss"], results["uneven/grad"] = loss.detach(), leaves["audio/raw"].grad
+        try:
+            forward(
+                leaf_copy(global_leaves(), slice(rank * B, rank * B + n_local)),
+                TriModalLoss("pcmepp", distributed="official").double(),
+            )
+            results["uneven/official_refused"] = torch.tensor(False)
+        except ValueError as exc:
+            results["uneven/official_refused"] = torch.tensor("same batch size on every rank" in str(exc))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -173,3 +188,22 @@ def test_official_mode_equals_local_vs_global_by_hand(rank_results, kind):
         for m in MODALITIES:
             key = f"{m}/raw"
             torch.testing.assert_close(res[f"official/{kind}/grad/{key}"], grads[key][rows], rtol=1e-10, atol=1e-12)
+
+
+UNEVEN_ROWS = [r for r in range(WORLD * B) if r != WORLD * B - 1]  # rank 1's last sample was skipped
+
+
+@pytest.mark.slow
+def test_global_mode_takes_uneven_batches_as_one_process_on_their_union(rank_results):
+    expected = torch.cat([torch.arange(3.0, dtype=f64).repeat(n, 1) + 10 * r for r, n in enumerate((B, B - 1))])
+    leaves = leaf_copy({k: (v if k == "proj" else v[UNEVEN_ROWS]) for k, v in global_leaves().items()})
+    loss = forward(leaves, TriModalLoss("pcmepp").double())
+    loss.backward()
+    starts = (0, B)
+    for rank, res in enumerate(rank_results):
+        torch.testing.assert_close(res["uneven/gathered"], expected, rtol=0, atol=0)
+        torch.testing.assert_close(res["uneven/loss"], loss.detach(), rtol=1e-10, atol=0)
+        n_local = res["uneven/grad"].shape[0]
+        own = leaves["audio/raw"].grad[starts[rank] : starts[rank] + n_local]
+        torch.testing.assert_close(res["uneven/grad"], WORLD * own, rtol=1e-10, atol=1e-12)
+        assert bool(res["uneven/official_refused"])  # official mode says why instead of mis-blocking

@@ -410,3 +410,18 @@ def test_filled_cache_gives_the_same_samples_and_keeps_bad_rows_reported(tmp_pat
     assert len(filled.skip_log) == len(lazy.skip_log) == 2 and "c1.wav" in str(filled.skip_log.problems[0])
     with pytest.raises(ValueError, match="cache=True"):
         ManifestDataset(manifest, **kwargs).fill_cache()
+
+
+def test_a_fully_skipped_batch_under_ddp_stops_with_the_reason():
+    # One rank returning no loss would leave the others waiting in their gathers and gradient all-reduce forever.
+    import lightning as L
+
+    from psm.training.module import PSMTrainingModule
+
+    module = PSMTrainingModule(model="psm-tiny")
+    module.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    assert module.trainer.world_size == 2
+    with pytest.raises(RuntimeError, match="every sample of batch 3 was skipped"):
+        module.training_step(None, 3)
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    assert module.training_step(None, 3) is None  # one process simply moves on

@@ -8,8 +8,8 @@ Two ways to use several ranks (see `TriModalLoss(distributed=...)`):
 * "official": PSM's own recipe: local embeddings against the gathered other modality (own
   rank's block first), a label-smoothed block target, both directions averaged.
 
-Every rank must hold the same number of samples (use drop_last) and call these functions in the
-same order, like any collective.
+Every rank must call these functions in the same order, like any collective. "global" takes batches
+that differ by rank (a sample skipped by the data's error policy); "official" needs equal ones.
 """
 
 from collections.abc import Callable
@@ -28,34 +28,58 @@ def dist_world() -> tuple[int, int]:
     return 0, 1
 
 
+_SIZE_GROUPS: dict[object, object] = {}
+
+
+def gather_sizes(n: int) -> list[int]:
+    """Every rank's first-dimension size, in rank order (a host-side exchange: no device synchronisation).
+
+    Batches differ by rank when the data's error policy skipped a sample on one of them. The sizes travel
+    over a gloo group beside the default one, so an NCCL run does not wait on the GPU queue for them.
+    """
+    _, world = dist_world()
+    if world == 1:
+        return [n]
+    default = dist.group.WORLD
+    if default not in _SIZE_GROUPS:  # created once, at the same (first) call on every rank
+        _SIZE_GROUPS[default] = default if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long), group=_SIZE_GROUPS[default])
+    return [int(x) for x in sizes]
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:
+    def forward(ctx, t: Tensor, sizes: list[int]) -> Tensor:
         rank, world = dist_world()
-        chunks = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(chunks, t.contiguous())
-        ctx.rank, ctx.n = rank, t.shape[0]
-        return torch.cat(chunks)
+        top = max(sizes)
+        # Collectives need equal shapes: pad to the largest rank's rows, then drop the padding.
+        padded = t if t.shape[0] == top else torch.cat([t, t.new_zeros(top - t.shape[0], *t.shape[1:])])
+        chunks = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(chunks, padded.contiguous())
+        ctx.start, ctx.n = sum(sizes[:rank]), t.shape[0]
+        return torch.cat([c[:k] for c, k in zip(chunks, sizes, strict=True)])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         # Each rank holds ∂L_r/∂(global batch) of its own loss L_r. Our slice influenced every
         # rank's loss, so its gradient is the sum over ranks (a copy: all_reduce works in place).
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+        return grad[ctx.start : ctx.start + ctx.n], None
 
 
-def all_gather_with_grad(t: Tensor) -> Tensor:
+def all_gather_with_grad(t: Tensor, sizes: list[int] | None = None) -> Tensor:
     """Concatenate `t` from all ranks along dim 0 in rank order, letting gradients flow back.
 
     Backward all-reduces (sums) the incoming gradients and returns this rank's slice (the
-    SimCLR / PCME++ GatherLayer). Without a process group or with one rank, returns `t`.
+    SimCLR / PCME++ GatherLayer). Ranks may hold different numbers of rows; `sizes` (from
+    :func:`gather_sizes`) saves exchanging them again. Without a process group or with one rank, returns `t`.
     """
     _, world = dist_world()
     if world == 1:
         return t
-    return _AllGatherWithGrad.apply(t)
+    return _AllGatherWithGrad.apply(t, gather_sizes(t.shape[0]) if sizes is None else list(sizes))
 
 
 def own_block_first(gathered: Tensor, local: Tensor) -> Tensor:
@@ -67,6 +91,12 @@ def own_block_first(gathered: Tensor, local: Tensor) -> Tensor:
     rank, world = dist_world()
     if world == 1:
         return local
+    if gathered.shape[0] != world * local.shape[0]:
+        raise ValueError(
+            f"distributed_loss 'official' needs the same batch size on every rank (rank {rank} has "
+            f"{local.shape[0]} of {gathered.shape[0]} rows, as when the data's error policy skipped a sample); "
+            "use distributed_loss 'global', or drop the bad rows first (psm data validate)"
+        )
     chunks = list(gathered.split(local.shape[0]))
     return torch.cat([local, *chunks[:rank], *chunks[rank + 1 :]])
 

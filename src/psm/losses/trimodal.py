@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from psm.losses.distributed import (
     OFFICIAL_LABEL_SMOOTHING,
     all_gather_with_grad,
+    gather_sizes,
     official_infonce_pair,
     official_pcmepp_pair,
 )
@@ -138,8 +139,9 @@ class TriModalLoss(nn.Module):
         masks = {m: v.bool() for m, v in masks.items() if m in local}
 
         # Gather once per modality (fixed MODALITIES order: collectives must match across ranks).
+        sizes = gather_sizes(next(iter(local.values()))[0].shape[0]) if self.distributed != "none" else None
         gathered = {
-            m: tuple(None if t is None else all_gather_with_grad(t) for t in local[m])
+            m: tuple(None if t is None else all_gather_with_grad(t, sizes) for t in local[m])
             for m in MODALITIES
             if m in local and self.distributed != "none"
         }
@@ -149,7 +151,7 @@ class TriModalLoss(nn.Module):
                     "distributed_loss 'official' needs every sample to have every modality (its target assumes "
                     "equal blocks per rank); with missing captions use distributed_loss 'global'"
                 )
-            masks = {m: all_gather_with_grad(masks[m].to(torch.uint8)).bool() for m in MODALITIES if m in masks}
+            masks = {m: all_gather_with_grad(masks[m].to(torch.uint8), sizes).bool() for m in MODALITIES if m in masks}
         if self.distributed == "global":
             # Every rank computes the loss of the identical global batch L. The gather's backward
             # sums the ranks' gradients, so rank r's local embeddings get W·∂L/∂x_r, and its

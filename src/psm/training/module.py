@@ -209,6 +209,13 @@ class PSMTrainingModule(L.LightningModule):
     # --- Lightning hooks --------------------------------------------------------------------------------
     def training_step(self, batch: Batch | None, batch_idx: int) -> Tensor | None:
         if batch is None:  # every sample of the batch was skipped by the data's error policy
+            if self.trainer.world_size > 1:
+                # The other ranks would wait for this one's gradients and gathers forever: stop with the reason.
+                raise RuntimeError(
+                    f"rank {self.global_rank}: every sample of batch {batch_idx} was skipped by the data's error "
+                    "policy (see the skipped-sample report in the run folder); remove the bad rows "
+                    "(psm data validate) and resume"
+                )
             return None
         loss, logs = self.compute_loss(self.embed(batch, train=True), batch.caption_mask)
         bs = len(batch)
