@@ -334,3 +334,21 @@ def test_a_date_without_a_month_warns_about_what_is_unknown(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
     warnings = {p.row: p.reason for p in validate_manifest(tmp_path / "m.csv", decode=False).problems}
     assert warnings[0].endswith(": month unknown") and warnings[1].endswith(": month and hour unknown")
+
+
+def test_a_bad_row_of_another_split_is_neither_reported_nor_fatal(tmp_path):
+    # `psm evaluate --split test` used to stop (raise) or report (skip) on a bad *training* row.
+    from psm.data.manifest import manifest_records
+
+    rows = _write_good_files(tmp_path, 3)
+    rows[0]["latitude"] = "nan"  # bad, but in train
+    for row, split in zip(rows, ["train", "test", "test"], strict=True):
+        row["split"] = split
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    ds = ManifestDataset(tmp_path / "m.csv", imagery_source="sentinel2", train=False, split="test", on_error="raise")
+    assert [r.key for r in ds.rows] == ["s1", "s2"]
+    log = SkipLog()
+    records = list(manifest_records(tmp_path / "m.csv", "sentinel2", split="test", on_error="raise", skip_log=log))
+    assert [r.key for r in records] == ["s1", "s2"] and len(log) == 0
+    with pytest.raises(DataError, match=r"row 0.*latitude"):  # the split it belongs to still stops on it
+        ManifestDataset(tmp_path / "m.csv", imagery_source="sentinel2", train=True, split="train", on_error="raise")

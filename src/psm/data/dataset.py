@@ -83,12 +83,10 @@ class ManifestDataset(Dataset):
         spec = spec or MetadataSpec()
         df = read_manifest(self.path)
         self.rows: list[ManifestRow] = []
-        for row, problems in iter_rows(df, self.path, spec, time_missing_means_midnight):
+        for row, problems in iter_rows(df, self.path, spec, time_missing_means_midnight, split=split):
             errors = [p for p in problems if p.severity == "error"]
             if row is None or errors:
                 self._problem(errors[0] if errors else DataProblem("invalid row", file=str(self.path)))
-                continue
-            if split is not None and row.split != split:
                 continue
             if self.source.name not in row.images:
                 self._problem(

@@ -323,11 +323,24 @@ def _shard_key_problem(row: ManifestRow, file: str, severity: str) -> DataProble
 
 
 def iter_rows(
-    df: pd.DataFrame, path: Path, spec: MetadataSpec, time_missing_means_midnight: bool = True
+    df: pd.DataFrame,
+    path: Path,
+    spec: MetadataSpec,
+    time_missing_means_midnight: bool = True,
+    split: str | None = None,
 ) -> Iterator[tuple[ManifestRow | None, list[DataProblem]]]:
-    """Parse every row of a manifest read from ``path``."""
+    """Parse every row of a manifest read from ``path`` (only those of ``split`` when given).
+
+    Rows of other splits are passed over before parsing: their problems belong to the runs that read them
+    (an evaluation of the test split neither reports nor stops on a bad training row).
+    """
     root = path.parent
+    splits = df["split"] if split is not None and "split" in df.columns else None
     for i in range(len(df)):
+        if split is not None:
+            value = None if splits is None or pd.isna(splits.iloc[i]) else str(splits.iloc[i])
+            if value != split:
+                continue
         yield parse_row(df, i, root, spec, str(path), time_missing_means_midnight)
 
 
@@ -368,12 +381,10 @@ def manifest_records(
         log.record(p)
 
     first_row: dict[str, int] = {}  # key → row that packed it
-    for row, problems in iter_rows(df, path, spec):
+    for row, problems in iter_rows(df, path, spec, split=split):
         errors = [p for p in problems if p.severity == "error"]
         if row is None or errors:
             problem(errors[0])
-            continue
-        if split is not None and row.split != split:
             continue
         # pack_records refuses such keys and duplicates by stopping the whole pack; a bad row is skipped.
         key_problem = _shard_key_problem(row, str(path), "error")
