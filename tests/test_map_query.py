@@ -314,6 +314,9 @@ def test_errors(env, tmp_path):
         condition(index, model, 7, MetadataSetting(), cache_dir=tmp_path)
     with pytest.raises(MapQueryError, match="month out of range"):
         condition(index, model, 1, MetadataSetting(month=13), cache_dir=tmp_path)
+    for bad in (MetadataSetting(month=float("nan")), MetadataSetting(hour=float("inf"))):  # NaN reads as unknown
+        with pytest.raises(MapQueryError, match="must be a finite number"):
+            condition(index, model, 1, bad, cache_dir=tmp_path)
     with pytest.raises(MapQueryError, match="unknown audio_source"):
         condition(index, model, 1, MetadataSetting(audio_source="radio"), cache_dir=tmp_path)
     small = create_model("psm-tiny", seed=0, overrides={"metadata": {"types": ["location", "month"]}}).eval()

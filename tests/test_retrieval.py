@@ -224,3 +224,23 @@ def test_numpy_layouts_and_dtypes_torch_refuses_are_ranked():
     np.testing.assert_array_equal(retrieval_metrics(flipped, return_ranks=True)["ranks"], [1.0, 2.0, 2.0])
     for variant in (flipped, s.astype(">f8"), (s * 10).astype(np.uint16), (s * 10).astype(np.uint32)):
         assert retrieval_metrics(variant, recall_pct=50) == {"recall_at_50pct": 1 / 3, "median_rank": 2.0}
+
+
+def test_recall_pct_and_chunk_rows_are_checked():
+    # R@0 % or R@NaN % is 0 for any model, and chunk_rows 0 gave a bare range() error.
+    scores = np.eye(12)
+    for bad in (0.0, -5.0, float("nan"), 101.0):
+        with pytest.raises(ValueError, match=r"recall_pct must be a percentage in \(0, 100\]"):
+            retrieval_metrics(scores, recall_pct=bad)
+    with pytest.raises(ValueError, match="chunk_rows must be a positive integer"):
+        retrieval_metrics(scores, chunk_rows=0)
+    assert retrieval_metrics(scores, recall_pct=100)["recall_at_100pct"] == 1.0
+
+
+def test_evaluate_cli_refuses_a_bad_recall_pct(capsys):
+    from psm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--checkpoint", "nowhere", "--manifest", "m.csv", "--recall-pct", "nan"])
+    assert exit_info.value.code == 2
+    assert "recall_pct must be a percentage" in capsys.readouterr().err

@@ -65,6 +65,16 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return model, tokenizer, device
 
 
+def _percentage(text: str) -> float:
+    """argparse type of ``--recall-pct``: the library's own check, as a usage error."""
+    from psm.evaluation.retrieval import check_recall_pct
+
+    try:
+        return check_recall_pct(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -222,7 +232,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         help="metadata settings to evaluate: all, none and/or single types (default: all of them)",
     )
-    p.add_argument("--recall-pct", type=float, default=10.0, help="k of R@k as a percentage of N (default 10)")
+    p.add_argument(
+        "--recall-pct", type=_percentage, default=10.0, help="k of R@k as a percentage of N, in (0, 100] (default 10)"
+    )
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(

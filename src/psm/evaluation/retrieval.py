@@ -84,6 +84,18 @@ def recall_key(recall_pct: float) -> str:
     return f"recall_at_{recall_pct:g}pct"
 
 
+def check_recall_pct(recall_pct: float) -> float:
+    """``recall_pct`` if it is a percentage in (0, 100]; R@0 % or R@NaN % would be 0 whatever the model."""
+    if not (isinstance(recall_pct, int | float) and 0 < recall_pct <= 100):
+        raise ValueError(f"recall_pct must be a percentage in (0, 100], got {recall_pct!r}")
+    return float(recall_pct)
+
+
+def _check_chunk_rows(chunk_rows: int) -> None:
+    if not (isinstance(chunk_rows, int) and chunk_rows >= 1):
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+
+
 def metrics_from_ranks(ranks: Any, num_items: int | None = None, recall_pct: float = 10.0) -> dict[str, float]:
     """R@``recall_pct``% and median rank from 1-based ranks (NaN = no rank), with the official k = pct/100 · N.
 
@@ -93,6 +105,7 @@ def metrics_from_ranks(ranks: Any, num_items: int | None = None, recall_pct: flo
     n = len(r) if num_items is None else int(num_items)
     if len(r) == 0 or n <= 0:
         raise ValueError("no queries to evaluate")
+    check_recall_pct(recall_pct)
     k = recall_pct / 100 * n  # the official expression: a float, e.g. 33 → 3.3000000000000003
     finite = r[~np.isnan(r)]
     return {
@@ -121,6 +134,7 @@ def retrieval_metrics(
     n = s.shape[0]
     if n == 0:
         raise ValueError("scores is empty")
+    _check_chunk_rows(chunk_rows)
     rows = torch.arange(n, device=s.device)
     parts = [diagonal_ranks(s[i : i + chunk_rows], rows[i : i + chunk_rows]) for i in range(0, n, chunk_rows)]
     ranks = torch.cat(parts).cpu().numpy()
@@ -197,6 +211,7 @@ def retrieval_ranks(
     Scores blocks of ``chunk_rows`` queries at a time (−CSD or cosine, see :func:`pair_scores`); query i's
     positive is gallery item ``positives[i]`` (default i).
     """
+    _check_chunk_rows(chunk_rows)
     n = query.unnormalized_mean.shape[0]
     device = query.unnormalized_mean.device
     if positives is None:

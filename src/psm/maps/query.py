@@ -276,6 +276,10 @@ class MetadataSetting:
             raise MapQueryError(
                 f"this model does not use metadata {', '.join(unused)} (it uses: {', '.join(spec.types) or 'none'})"
             )
+        for name, value in (("month", self.month), ("hour", self.hour)):
+            # The encoding reads NaN as "unknown": a map query leaves the field out for that instead.
+            if value is not None and not math.isfinite(float(value)):
+                raise MapQueryError(f"{name} must be a finite number (leave it out for unknown), got {value!r}")
         try:  # range and vocabulary checks by the single definition of the encodings
             spec.encode(
                 month=None if self.month is None else [float(self.month)],
