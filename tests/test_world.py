@@ -654,3 +654,6 @@ def test_retrieval_ceilings_of_the_world(tiny, capsys):
     assert "| labels + metadata |" in capsys.readouterr().out
     assert psm(["ceiling", "--world", str(tiny / "audio")]) == 2
     assert "is not a world" in capsys.readouterr().err
+    blocker = tiny / "world.json"  # a file where --out wants a folder: refused before the work, no traceback
+    assert psm(["ceiling", "--world", str(tiny), "--out", str(blocker / "ceilings.md")]) == 2
+    assert "not a writable folder" in capsys.readouterr().err

@@ -272,6 +272,8 @@ def _cmd_ceiling(args: argparse.Namespace) -> int:
     from psm.evaluation.report import write_text_atomic
 
     try:  # WorldError (not a world) and too-small splits are ValueErrors with a message naming the folder
+        if args.out:
+            _check_out(Path(args.out), folder=False)
         world = load_world(args.world)
         ceilings = retrieval_ceilings(world, args.split)
         probes = None
@@ -285,7 +287,7 @@ def _cmd_ceiling(args: argparse.Namespace) -> int:
                 except (OSError, ValueError) as e:
                     raise ValueError(f"{path}: not a readable embeddings table ({e})") from e
             probes = model_probes(world, *tables, zoom=args.zoom)
-    except ValueError as e:
+    except (_UsageError, ValueError) as e:
         print(f"psm ceiling: error: {e}", file=sys.stderr)
         return 2
     table = format_ceilings(ceilings, world.info["split"]["samples"].get(args.split))
