@@ -6,6 +6,7 @@ different collectives and hung.
 """
 
 import socket
+import time
 
 import pytest
 import torch
@@ -115,12 +116,15 @@ def test_masks_are_checked():
         loss_fn(_inputs(_leaves()), masks={"caption": torch.ones(B, dtype=torch.bool)})
     official = TriModalLoss("pcmepp", distributed="official").double()
     with pytest.raises(ValueError, match="use distributed_loss 'global'"):
-        official(_inputs(_leaves()), masks={"text": torch.ones(B, dtype=torch.bool)})
+        official(_inputs(_leaves()), masks={"text": torch.tensor([True, False, True, True, True, True])})
+    # a mask that drops nothing is no obstacle
+    official(_inputs(_leaves()), masks={"text": torch.ones(B, dtype=torch.bool)})
 
 
 # --- two CPU ranks: "global" with masks equals one process on the global batch --------------------------------
 WORLD = 2
-GLOBAL_MASK = torch.tensor([True, False, True, True, False, False, True, True])  # rank 1 holds one caption of 4
+# Rank 0's rows are all captioned, so it passes no mask at all, as the module does; rank 1 lacks two captions.
+GLOBAL_MASK = torch.tensor([True, True, True, True, False, False, True, True])
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -132,7 +136,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         leaves = _leaves(seed=7, n=len(GLOBAL_MASK))
         local = {m: {k: v[rows].detach().clone().requires_grad_() for k, v in e.items()} for m, e in leaves.items()}
         loss, _ = TriModalLoss("pcmepp", distributed="global").double()(
-            _inputs(local), masks={"text": GLOBAL_MASK[rows]}
+            _inputs(local), masks={"text": None if GLOBAL_MASK[rows].all() else GLOBAL_MASK[rows]}
         )
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": local["text"]["raw"].grad}, f"{out_dir}/rank{rank}.pt")
@@ -145,7 +149,13 @@ def test_global_mode_with_missing_captions_equals_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=1):  # mismatched collectives hang: fail instead of waiting forever
+        if time.monotonic() > deadline:
+            for proc in ranks.processes:
+                proc.kill()
+            pytest.fail("the two ranks hung in their collectives")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     leaves = _leaves(seed=7, n=len(GLOBAL_MASK))

@@ -425,3 +425,55 @@ def test_a_fully_skipped_batch_under_ddp_stops_with_the_reason():
         module.training_step(None, 3)
     module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     assert module.training_step(None, 3) is None  # one process simply moves on
+
+
+def _psm_train_ddp(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``psm train ARGS`` in its own process group; a hang is killed with every rank Lightning started."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    psm = str(Path(sys.executable).with_name("psm"))
+    proc = subprocess.Popen(
+        [psm, "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"psm train with 2 ranks hung for {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_with_skipped_samples_and_missing_captions(tmp_path):
+    """A real two-rank run (Lightning DDP over gloo). A corrupt training clip makes one rank's batch smaller,
+    some rows have no caption, and rank 1's only validation row is corrupt, so it has nothing to rank. Each of
+    these used to crash or hang a multi-GPU run; the timeout turns a hang into a failure."""
+    manifest = make_raster_manifest(tmp_path, n=14, val_every=7)  # validation rows k0 (rank 0) and k7 (rank 1)
+    df = pd.read_parquet(manifest)
+    df.loc[df.key.isin(["k2", "k5", "k9"]), "caption"] = None
+    df.to_parquet(manifest)
+    for bad in ("c3.wav", "c7.wav"):
+        (tmp_path / bad).write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt not audio")
+    run = tmp_path / "run"
+    args = [*_args(manifest, run, steps=4, every=2), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    args[args.index("--data.batch_size") + 1] = "3"
+    proc = _psm_train_ddp(args, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert load_training_state(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+    metrics = pd.read_csv(next((run / "logs").glob("version_*/metrics.csv")))
+    assert metrics["train/image_text/loss"].notna().any()  # the captioned rows kept their text loss
+    assert metrics["val/i2s_r10"].notna().any()
+    assert "bad samples" in proc.stdout
+
+
+def test_a_validation_split_smaller_than_the_ranks_is_refused_up_front(tmp_path):
+    manifest = make_raster_manifest(tmp_path, n=6, val_every=100)  # one validation row
+    args = [*_args(manifest, tmp_path / "run", steps=2, every=2), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    proc = _psm_train_ddp(args, timeout=300)
+    assert proc.returncode != 0
+    assert "validation split 'val' has 1 usable rows, fewer than the 2 ranks" in proc.stdout + proc.stderr

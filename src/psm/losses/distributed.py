@@ -12,7 +12,7 @@ Every rank must call these functions in the same order, like any collective. "gl
 that differ by rank (a sample skipped by the data's error policy); "official" needs equal ones.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,24 +28,31 @@ def dist_world() -> tuple[int, int]:
     return 0, 1
 
 
-_SIZE_GROUPS: dict[object, object] = {}
+_HOST_GROUPS: dict[object, object] = {}
 
 
-def gather_sizes(n: int) -> list[int]:
-    """Every rank's first-dimension size, in rank order (a host-side exchange: no device synchronisation).
+def gather_host_ints(values: Sequence[int]) -> list[list[int]]:
+    """Every rank's ``values`` (the same length on each), in rank order, exchanged on the host.
 
-    Batches differ by rank when the data's error policy skipped a sample on one of them. The sizes travel
-    over a gloo group beside the default one, so an NCCL run does not wait on the GPU queue for them.
+    The numbers travel over a gloo group beside the default one, so an NCCL run does not wait on the GPU
+    queue for them: batch sizes (which differ by rank when the data's error policy skipped a sample) and
+    counts of rows that lack a modality.
     """
     _, world = dist_world()
     if world == 1:
-        return [n]
+        return [list(values)]
     default = dist.group.WORLD
-    if default not in _SIZE_GROUPS:  # created once, at the same (first) call on every rank
-        _SIZE_GROUPS[default] = default if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long), group=_SIZE_GROUPS[default])
-    return [int(x) for x in sizes]
+    if default not in _HOST_GROUPS:  # created once, at the same (first) call on every rank
+        _HOST_GROUPS[default] = default if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    mine = torch.tensor(list(values), dtype=torch.long)
+    rows = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(rows, mine, group=_HOST_GROUPS[default])
+    return [row.tolist() for row in rows]
+
+
+def gather_sizes(n: int) -> list[int]:
+    """Every rank's first-dimension size, in rank order (see :func:`gather_host_ints`)."""
+    return [row[0] for row in gather_host_ints([n])]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

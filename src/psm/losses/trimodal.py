@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from psm.losses.distributed import (
     OFFICIAL_LABEL_SMOOTHING,
     all_gather_with_grad,
-    gather_sizes,
+    gather_host_ints,
     official_infonce_pair,
     official_pcmepp_pair,
 )
@@ -138,19 +138,31 @@ class TriModalLoss(nn.Module):
             raise ValueError(f"need at least two modalities, got {sorted(local)}")
         masks = {m: v.bool() for m, v in masks.items() if m in local}
 
+        sizes = None
+        if self.distributed != "none":
+            # Which modalities some rank masks must be known on every rank, or their mask gathers would not
+            # match up; the rows each rank lacks are counted on the host (masks come from the loader, on the CPU).
+            names = [m for m in MODALITIES if m in local]
+            n = local[names[0]][0].shape[0]
+            lacking = [int((~masks[m]).sum()) if m in masks else 0 for m in names]
+            table = gather_host_ints([n, *lacking])
+            sizes = [row[0] for row in table]
+            masked = [m for j, m in enumerate(names) if any(row[1 + j] for row in table)]
+            if masked and self.distributed == "official":
+                raise ValueError(
+                    "distributed_loss 'official' needs every sample to have every modality (its target assumes "
+                    "equal blocks per rank); with missing captions use distributed_loss 'global'"
+                )
+            masks = {m: masks.get(m, torch.ones(n, dtype=torch.bool)) for m in masked}
+        masks = {m: v.to(local[m][0].device) for m, v in masks.items()}
+
         # Gather once per modality (fixed MODALITIES order: collectives must match across ranks).
-        sizes = gather_sizes(next(iter(local.values()))[0].shape[0]) if self.distributed != "none" else None
         gathered = {
             m: tuple(None if t is None else all_gather_with_grad(t, sizes) for t in local[m])
             for m in MODALITIES
             if m in local and self.distributed != "none"
         }
-        if masks and self.distributed != "none":
-            if self.distributed == "official":
-                raise ValueError(
-                    "distributed_loss 'official' needs every sample to have every modality (its target assumes "
-                    "equal blocks per rank); with missing captions use distributed_loss 'global'"
-                )
+        if sizes is not None:
             masks = {m: all_gather_with_grad(masks[m].to(torch.uint8), sizes).bool() for m in MODALITIES if m in masks}
         if self.distributed == "global":
             # Every rank computes the loss of the identical global batch L. The gather's backward

@@ -265,6 +265,11 @@ class PSMDataModule(L.LightningDataModule):
             )
         # Each rank takes a contiguous share; the module gathers the embeddings before ranking.
         n, rank, world = len(self.val_set), self.trainer.global_rank, self.trainer.world_size
+        if n < world:  # Lightning stops a run when one rank's validation loader is empty
+            raise ValueError(
+                f"{self.hparams.manifest}: validation split {self.hparams.val_split!r} has {n} usable rows, fewer "
+                f"than the {world} ranks; give it at least {world} rows or set trainer.limit_val_batches 0"
+            )
         share = list(range(rank * n // world, (rank + 1) * n // world))
         return DataLoader(
             self.val_set,

@@ -149,6 +149,7 @@ class PSMTrainingModule(L.LightningModule):
             self.loss_fn.compile()
         self._distributed_loss = world_loss
         self._val_outputs: list[dict[str, Tensor]] = []
+        self._val_loss = torch.zeros(2)  # (Σ loss × batch size, samples) of the validation epoch so far
         self._last_step_time: float | None = None
 
     def setup(self, stage: str) -> None:
@@ -199,11 +200,16 @@ class PSMTrainingModule(L.LightningModule):
         )
 
     def compute_loss(
-        self, embeddings: dict[str, GaussianEmbedding], caption_mask: Tensor | None = None
+        self, embeddings: dict[str, GaussianEmbedding], caption_mask: Tensor | None = None, gather: bool = True
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The tri-modal loss; rows without a caption (``caption_mask`` False) stay out of the text pairs."""
-        self.loss_fn.distributed = self._distributed_loss if self.trainer.world_size > 1 else "none"
-        masks = {"text": caption_mask.to(self.device)} if caption_mask is not None and "text" in embeddings else None
+        """The tri-modal loss; rows without a caption (``caption_mask`` False) stay out of the text pairs.
+
+        ``gather=False`` keeps it to this rank's batch (validation: a rank whose batch was skipped by the data's
+        error policy calls no loss, so the others must not wait for it in a gather).
+        """
+        self.loss_fn.distributed = self._distributed_loss if gather and self.trainer.world_size > 1 else "none"
+        # The mask stays on the CPU, where the loss counts the rows it drops without waiting on the device.
+        masks = {"text": caption_mask} if caption_mask is not None and "text" in embeddings else None
         return self.loss_fn({k: v.as_loss_input() for k, v in embeddings.items()}, masks=masks)
 
     # --- Lightning hooks --------------------------------------------------------------------------------
@@ -247,22 +253,37 @@ class PSMTrainingModule(L.LightningModule):
             return
         dropout = True if self.hparams.metadata_dropout_in_validation else None
         emb = self.embed(batch, train=False, metadata_dropout=dropout)
-        loss, _ = self.compute_loss(emb, batch.caption_mask)
-        self.log("val/loss", loss, batch_size=len(batch), sync_dist=True)
+        loss, _ = self.compute_loss(emb, batch.caption_mask, gather=False)
+        # Summed here and reduced in on_validation_epoch_end: a rank whose batches were all skipped never gets
+        # here, and a sync_dist log would leave the other ranks waiting for it.
+        self._val_loss += torch.stack([loss.detach().float() * len(batch), torch.tensor(float(len(batch)))]).cpu()
         out = {"image_mean": emb["image"].mean, "audio_mean": emb["audio"].mean}
         if emb["image"].logvar is not None:
             out |= {"image_logvar": emb["image"].logvar, "audio_logvar": emb["audio"].logvar}
-        self._val_outputs.append({k: v.detach() for k, v in out.items()})
+        # float32 on every rank, so the epoch's gather meets the same dtype (an empty rank's included).
+        self._val_outputs.append({k: v.detach().float() for k, v in out.items()})
 
     def on_validation_epoch_end(self) -> None:
         from psm.evaluation.retrieval import cosine_scores, csd_scores, retrieval_metrics
 
-        if not self._val_outputs:
+        loss_sum, count = self._val_loss.tolist()
+        self._val_loss = torch.zeros(2)
+        if self._val_outputs:
+            cat = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        elif self.trainer.world_size > 1:
+            # A rank with no validation rows (all skipped by the data's error policy) still joins the gathers,
+            # or the others wait for it forever.
+            cat = {k: torch.zeros(0, self.model.config.embed_dim, device=self.device) for k in self._val_keys()}
+        else:
             return
-        cat = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
         self._val_outputs.clear()
         if self.trainer.world_size > 1:  # rank the whole validation split, not one rank's share
             cat = self._gather_uneven(cat)
+            totals = self.all_gather(torch.tensor([loss_sum, count], device=self.device)).reshape(-1, 2).sum(0)
+            loss_sum, count = totals.tolist()
+        if count == 0:
+            return
+        self.log("val/loss", loss_sum / count, sync_dist=False)
         if "image_logvar" in cat:
             i2s = csd_scores(cat["image_mean"], cat["image_logvar"], cat["audio_mean"], cat["audio_logvar"])
             s2i = csd_scores(cat["audio_mean"], cat["audio_logvar"], cat["image_mean"], cat["image_logvar"])
@@ -273,6 +294,11 @@ class PSMTrainingModule(L.LightningModule):
             m = retrieval_metrics(scores)
             self.log(f"val/{name}_r10", float(m["recall_at_10pct"]), prog_bar=name == "i2s", sync_dist=False)
             self.log(f"val/{name}_median_rank", float(m["median_rank"]), sync_dist=False)
+
+    def _val_keys(self) -> tuple[str, ...]:
+        """What validation_step keeps per batch for the epoch's ranking."""
+        means = ("image_mean", "audio_mean")
+        return (*means, "image_logvar", "audio_logvar") if self.model.config.probabilistic else means
 
     def _gather_uneven(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
         """All-gather tensors whose first dimension differs by rank (pad, gather, drop the padding)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from psm.models.checkpoint import save_checkpoint
 from psm.training.checkpoint_io import SafeCheckpointIO, load_training_state
@@ -117,22 +119,60 @@ class _NoTips(logging.Filter):
         return not record.getMessage().lstrip().startswith("💡 Tip")
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a bad config, manifest or data file (reported in one line), not a bug in psm."""
+    from psm.data.errors import DataError
+    from psm.data.manifest import ManifestError
+    from psm.models.checkpoint import CheckpointError
+    from psm.models.config import ConfigError
+
+    return ManifestError, DataError, ConfigError, CheckpointError, MisconfigurationException
+
+
 def run_training(argv: Sequence[str]) -> int:
-    """Parse ``argv`` like LightningCLI and fit; returns a process exit code."""
+    """Parse ``argv`` like LightningCLI and fit; returns a process exit code (2: a bad config or data, with a
+    one-line message; 130: interrupted with Ctrl-C)."""
     quiet_lightning_logs()
-    with warnings.catch_warnings():
-        # `psm train ...` hands LightningCLI its own argv (sys.argv minus "train"): not the mix-up it warns of.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        cli = PSMCLI(
-            PSMTrainingModule,
-            PSMDataModule,
-            args=list(argv),
-            run=False,
-            trainer_defaults=trainer_defaults(),
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-        )
+    try:
+        with warnings.catch_warnings():
+            # `psm train ...` hands LightningCLI its own argv (sys.argv minus "train"): not the mix-up it warns of.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            cli = PSMCLI(
+                PSMTrainingModule,
+                PSMDataModule,
+                args=list(argv),
+                run=False,
+                trainer_defaults=trainer_defaults(),
+                save_config_kwargs={"overwrite": True},
+                seed_everything_default=0,
+                parser_kwargs={"prog": "psm train"},  # its usage and "run: ... --help" tip name the real command
+            )
+    except (ValueError, MisconfigurationException) as e:  # the classes' own checks of their arguments
+        print(f"psm train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _fit(cli)
+    except _user_errors() as e:
+        print(f"psm train: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit:
+        # Lightning answers Ctrl-C with a graceful shutdown and sys.exit(1): say it was an interruption.
+        if cli.trainer.interrupted:
+            last = Path(cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            then = f"--resume continues from {last}" if last.is_file() else "no checkpoint was written yet"
+            print(f"psm train: interrupted; {then}", file=sys.stderr)
+            return 130
+        raise
+
+
+def _fit(cli: PSMCLI) -> int:
+    """Set psm's checkpointing and loggers on the parsed CLI's trainer and fit."""
     trainer = cli.trainer
+    if getattr(cli.datamodule.hparams, "shards", None) is None and (trainer.max_steps or -1) < 1:
+        # Said now rather than by a ValueError from the data module's loader once fitting has begun.
+        raise MisconfigurationException(
+            f"psm training is step based: set --trainer.max_steps N (N ≥ 1), got {trainer.max_steps}"
+        )
     run_dir = Path(trainer.default_root_dir)
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(
