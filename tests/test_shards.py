@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from psm.data.batch import Sample
-from psm.data.imagery import SatelliteView
+from psm.data.imagery import ImageryError, SatelliteView
 from psm.data.imagery_sources import ImagerySource
 from psm.data.shards import (
     OfficialDecoder,
@@ -593,3 +593,16 @@ def test_official_training_draws_mel_from_sample_generator(official_shards):
 # --------------------------------------------------------------------------------------------------------
 # Dates
 # --------------------------------------------------------------------------------------------------------
+
+
+def test_validation_from_shards_draws_a_zoom_per_sample_the_same_way_each_time(packed):
+    # Shard validation used one fixed zoom (5); the official in-training validation, and psm's manifest
+    # validation, draw 1, 3 or 5 per sample. The draw comes from the sample's generator: the same every epoch.
+    view = SatelliteView(TINY, train=False, input_size=16, draw_zoom=True)
+    first = [(s.key, s.zoom) for s in ShardDataset(packed, ShardDecoder(view), prefix="train", even=None)]
+    again = [(s.key, s.zoom) for s in ShardDataset(packed, ShardDecoder(view), prefix="train", even=None)]
+    assert first == again and len({z for _, z in first}) > 1
+    with pytest.raises(ImageryError, match="needs a fixed zoom"):
+        SatelliteView(TINY, train=False, input_size=16)
+    with pytest.raises(ImageryError, match="needs each sample's generator"):
+        view(np.zeros((64, 64, 3), dtype=np.uint8))

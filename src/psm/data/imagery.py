@@ -310,19 +310,22 @@ class SatelliteView:
     """How the model sees raw tiles of one imagery source: zoom choice, zoom crop and transform.
 
     Training with ``zoom=None`` samples a zoom per image; evaluation needs a fixed ``zoom`` (official
-    ``--test_zoom_level``). Calls return the image and the zoom used (the GSD embedding needs it).
+    ``--test_zoom_level``), or ``draw_zoom=True``: a zoom per image from the caller's per-sample generator
+    with the evaluation transform, as the official in-training validation drew them. Calls return the
+    image and the zoom used (the GSD embedding needs it).
     """
 
     source: ImagerySource
     train: bool = False
     zoom: int | None = None
     input_size: int = DEFAULT_INPUT_SIZE
+    draw_zoom: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", _resolve_source(self.source))
         if self.zoom is not None:
             _check_zoom(self.source, self.zoom)
-        elif not self.train:
+        elif not self.train and not self.draw_zoom:
             if len(self.source.zoom_levels) != 1:
                 raise ImageryError(
                     f"evaluation view of {self.source.name!r} needs a fixed zoom "
@@ -342,6 +345,8 @@ class SatelliteView:
         name: str | os.PathLike[str] | None = None,
     ) -> tuple[Tensor, int]:
         """Prepare one raw tile: returns the normalised [3, size, size] tensor and the zoom level used."""
+        if self.zoom is None and not self.train and generator is None:
+            raise ImageryError("an evaluation view that draws its zoom needs each sample's generator")
         zoom = self.zoom if self.zoom is not None else sample_zoom(self.source, generator)
         image_t = prepare_image(image, self.source, zoom, self.train, generator, input_size=self.input_size, name=name)
         return image_t, zoom

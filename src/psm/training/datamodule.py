@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader
 
 from psm.data.dataset import ManifestDataset, make_collate
 from psm.data.errors import OnError, SkipLog
-from psm.data.imagery_sources import get_imagery_source
 from psm.data.manifest import read_manifest
 from psm.data.text import build_bpe_tokenizer, load_tokenizer
 from psm.training.sampler import StepSampler
@@ -182,11 +181,10 @@ class PSMDataModule(L.LightningDataModule):
         for split, train in ((hp.train_split, True), (hp.val_split, False)):
             if stage == "validate" and train:
                 continue
-            # Shard validation needs a fixed zoom (default: the largest); manifest validation draws one per
-            # sample from its own generator.
-            levels = get_imagery_source(hp.imagery_source).zoom_levels
-            zoom = None if train else (hp.val_zoom or max(levels))
-            view = SatelliteView(hp.imagery_source, train=train, zoom=zoom, input_size=input_size)
+            # Validation draws each sample's zoom from its own generator (the same draw every validation), as
+            # the official in-training validation drew them and as manifest validation does; or data.val_zoom.
+            zoom = None if train else hp.val_zoom
+            view = SatelliteView(hp.imagery_source, train=train, zoom=zoom, input_size=input_size, draw_zoom=not train)
             common = dict(
                 prefix=split,
                 seed=hp.seed,
