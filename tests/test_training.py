@@ -477,3 +477,21 @@ def test_a_validation_split_smaller_than_the_ranks_is_refused_up_front(tmp_path)
     proc = _psm_train_ddp(args, timeout=300)
     assert proc.returncode != 0
     assert "validation split 'val' has 1 usable rows, fewer than the 2 ranks" in proc.stdout + proc.stderr
+
+
+def test_init_from_starts_the_loss_scalars_from_the_checkpoint(tmp_path):
+    """Fine-tuning from a checkpoint restarted PCME++'s learned a, b at their initial values."""
+    from psm.models.checkpoint import save_checkpoint
+    from psm.models.factory import create_model
+    from psm.training.module import PSMTrainingModule
+
+    model = create_model("psm-tiny", overrides={"image": {"imagery_source": "sentinel2"}})
+    learned = {"loss.criterion.shift": torch.tensor(7.25), "loss.criterion.negative_scale": torch.tensor(11.5)}
+    folder = save_checkpoint(model, tmp_path / "ckpt", extra_tensors=learned)
+    same = dict(imagery_source="sentinel2", metadata_types=list(model.config.metadata.types))
+    module = PSMTrainingModule(init_from=str(folder), init_shift="calibrated", **same)
+    module.setup("fit")  # the calibrated start must not overwrite a restored b (and needs no datamodule then)
+    assert float(module.loss_fn.criterion.shift) == 7.25
+    assert float(module.loss_fn.criterion.negative_scale) == 11.5
+    fresh = PSMTrainingModule(init_from=str(folder), init_from_loss_scalars=False, **same)
+    assert float(fresh.loss_fn.criterion.shift) == 5.0  # the official initial b

@@ -7,6 +7,7 @@ embeds the validation split with metadata dropout off and scores image→audio a
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -20,8 +21,11 @@ from psm.data.audio import clap_fusion_features
 from psm.data.batch import Batch
 from psm.data.imagery_sources import get_imagery_source
 from psm.losses import TriModalLoss, calibrated_shift
+from psm.models.checkpoint import load_checkpoint
 from psm.models.factory import create_model
 from psm.models.heads import GaussianEmbedding
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("official", "warmup-cosine", "constant")
 COMPILE_MODES = ("encoders", "all")  # what `compile` may name: the three encoders, or model and loss whole
@@ -59,6 +63,7 @@ class PSMTrainingModule(L.LightningModule):
         metadata_types: list[str] | None = None,
         satmae_checkpoint: str | None = None,
         init_from: str | None = None,
+        init_from_loss_scalars: bool = True,
         loss: str = "pcmepp",
         alpha: float = 0.1,
         beta: float = 1e-4,
@@ -79,6 +84,9 @@ class PSMTrainingModule(L.LightningModule):
         compile: bool | Literal["encoders", "all"] = False,
     ) -> None:
         """``model`` is an architecture name or YAML; ``init_from`` a psm checkpoint folder to start from.
+
+        With ``init_from``, the loss's learned a, b (or τ) start from the checkpoint's values too when it holds
+        those of the same loss (``init_from_loss_scalars=False``: from ``init_shift`` etc. instead).
 
         ``imagery_source`` (linked from the data's) sets the GSD and zoom levels; ``metadata_types`` the
         metadata the fusion uses (``[]``: none, the paper's "without metadata" runs).
@@ -111,8 +119,9 @@ class PSMTrainingModule(L.LightningModule):
             overrides["metadata"] = {**overrides.get("metadata", {}), "types": list(metadata_types)}
         # The loss decides the heads: PCME++ needs Gaussian embeddings, InfoNCE deterministic ones.
         overrides.setdefault("probabilistic", loss == "pcmepp")
+        checkpoint_extra: dict[str, Tensor] = {}
         if init_from:
-            self.model = create_model(init_from)
+            self.model, checkpoint_extra = load_checkpoint(init_from)
             # A checkpoint folder fixes the architecture: settings it would silently ignore are refused.
             ignored = _differing_settings(self.model.config.to_dict(), overrides)
             if satmae_checkpoint:
@@ -143,6 +152,7 @@ class PSMTrainingModule(L.LightningModule):
             **shift,
             distributed="none",
         )
+        self._loss_from_checkpoint = init_from_loss_scalars and self._restore_loss_scalars(checkpoint_extra, init_from)
         if compile_mode == "all":
             # nn.Module.compile keeps parameter names, so checkpoints stay the same files.
             self.model.compile()
@@ -152,10 +162,29 @@ class PSMTrainingModule(L.LightningModule):
         self._val_loss = torch.zeros(2)  # (Σ loss × batch size, samples) of the validation epoch so far
         self._last_step_time: float | None = None
 
+    def _restore_loss_scalars(self, extra: dict[str, Tensor], source: str | None) -> bool:
+        """Load a checkpoint's learned loss scalars (exported as ``loss.<key>``) if they fit this loss."""
+        scalars = {k[len("loss.") :]: v for k, v in extra.items() if k.startswith("loss.")}
+        if not scalars:
+            return False
+        if set(scalars) != set(self.loss_fn.state_dict()):
+            log.warning(
+                "%s: its loss scalars (%s) are not those of loss %r; they start from their initial values",
+                source,
+                ", ".join(sorted(scalars)),
+                self.hparams.loss,
+            )
+            return False
+        own = self.loss_fn.state_dict()  # a scalar may be stored as shape () or (1,): same value
+        self.loss_fn.load_state_dict(
+            {k: v.reshape(own[k].shape) if v.numel() == own[k].numel() else v for k, v in scalars.items()}
+        )
+        return True
+
     def setup(self, stage: str) -> None:
         # The calibrated shift needs the global batch size, which only the trainer and data know. A resumed
-        # run then loads its learned b over this initial value.
-        if self.hparams.init_shift != "calibrated" or self.hparams.loss != "pcmepp":
+        # run then loads its learned b over this initial value; a run started from a checkpoint keeps its b.
+        if self.hparams.init_shift != "calibrated" or self.hparams.loss != "pcmepp" or self._loss_from_checkpoint:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(getattr(datamodule, "hparams", None), "batch_size", None)
