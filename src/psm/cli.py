@@ -3,9 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
+
+INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
+BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`psm ... | head`)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1 (a count or size where 0 or less means nothing would be done)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer ≥ 0."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (NaN and inf would slip through a plain ``> 0`` test)."""
+    value = _number(text, float)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _number(text: str, kind: type) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -50,7 +87,7 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
         kwargs["test_size"] = args.test_size
     try:
         summary = write_split(args.manifest, args.out or args.manifest, **kwargs)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a folder, an unreadable file, an unwritable --out
         print(f"psm data split: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))
@@ -62,6 +99,8 @@ def _raster_bands(args: argparse.Namespace, command: str) -> object | None:
     from psm.data.imagery import RasterBands
 
     try:
+        if min(args.bands) < 1:
+            raise ValueError(f"--bands are 1-based raster band numbers, got {args.bands}")
         return RasterBands(args.bands, args.scale)
     except ValueError as e:
         print(f"psm data {command}: {e}", file=sys.stderr)
@@ -76,13 +115,13 @@ def _cmd_data_validate(args: argparse.Namespace) -> int:
     if raster is None:
         return 2
     spec = MetadataSpec()
-    if args.model:
-        from psm.models.config import load_model_config
-
-        spec = load_model_config(args.model).metadata
     try:
+        if args.model:
+            from psm.models.config import load_model_config
+
+            spec = load_model_config(args.model).metadata
         report = validate_manifest(args.manifest, spec=spec, decode=not args.no_decode, raster=raster)
-    except ManifestError as e:
+    except (ManifestError, ValueError) as e:  # ValueError: ConfigError of --model
         print(f"psm data validate: {e}", file=sys.stderr)
         return 2
     print(report.format())
@@ -98,6 +137,10 @@ def _cmd_data_pack(args: argparse.Namespace) -> int:
 
     raster = _raster_bands(args, "pack")
     if raster is None:
+        return 2
+    problem = _pack_problem(args)
+    if problem:
+        print(f"psm data pack: {problem}", file=sys.stderr)
         return 2
     log = SkipLog(args.report or f"{args.out_dir}/skipped")
     records = manifest_records(
@@ -122,6 +165,27 @@ def _cmd_data_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack_problem(args: argparse.Namespace) -> str | None:
+    """Why ``psm data pack`` cannot start (an output that is a file, a split without rows), or None.
+
+    Checked up front: once packing starts it writes OUT_DIR and its shard index, even for zero samples.
+    """
+    from psm.data.manifest import ManifestError, read_manifest
+
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        return f"{args.out_dir} exists and is not a folder"
+    if args.split is None:
+        return None
+    try:
+        df = read_manifest(args.manifest)
+    except ManifestError as e:
+        return str(e)
+    splits = sorted(df["split"].dropna().astype(str).unique()) if "split" in df.columns else []
+    if args.split not in splits:
+        return f"{args.manifest}: no rows in split {args.split!r} (its splits: {', '.join(splits) or 'none'})"
+    return None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from psm.training.train import run_training
 
@@ -136,12 +200,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from psm.maps.query import MapQueryError
-    from psm.maps.query_command import _device
+    from psm.maps.query_command import _device, _UsageError
     from psm.models.checkpoint import CheckpointError
     from psm.serving.server import MapService, serve
 
     if args.basemap is not None and not all(k in args.basemap for k in ("{z}", "{x}", "{y}")):
         print("psm serve: error: --basemap must be an XYZ URL template with {z}, {x}, {y}", file=sys.stderr)
+        return 2
+    if not 0 <= args.port <= 65535:
+        print(f"psm serve: error: --port must be 0..65535 (0 picks a free one), got {args.port}", file=sys.stderr)
+        return 2
+    if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
+        # MapService would start without text queries: refuse a folder given by name that is not there.
+        print(f"psm serve: error: --tokenizer {args.tokenizer}: not a folder", file=sys.stderr)
         return 2
     try:
         service = MapService(
@@ -153,12 +224,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             basemap=args.basemap,
             allow_incomplete=args.allow_incomplete,
         )
-    except (MapQueryError, CheckpointError, FileNotFoundError) as e:
+    except (MapQueryError, CheckpointError, FileNotFoundError, _UsageError) as e:
         print(f"psm serve: error: {e}", file=sys.stderr)
         return 2
     info = service.info()
     note = f"{info['model']}: {info['num_points']:,} places, zoom levels {info['zoom_levels']}"
-    serve(service, args.host, args.port, announce=[note])
+    try:
+        serve(service, args.host, args.port, announce=[note])
+    except OSError as e:  # binding: the port is in use, the host unknown or not this machine's, no permission
+        reason = e.strerror or str(e)
+        print(f"psm serve: error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -169,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="run the main job end to end on the embedded offline default")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the world and of the model (default 0)")
     p.add_argument(
         "--out", help="where every step writes (default outputs/demo, outputs/demo-tiny); a rerun keeps the world"
     )
@@ -177,11 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         default="demo",
         choices=("demo", "tiny"),
-        help="offline world: demo (3,000 clips, ~12 minutes in all on 2 CPU cores) or tiny (200 clips, ~1 minute, "
+        help="offline world: demo (3,000 clips, ~11 minutes in all on 2 CPU cores) or tiny (200 clips, ~1 minute, "
         "too small to learn much)",
     )
-    p.add_argument("--steps", type=int, help="training steps (default: demo 1000, tiny 120)")
-    p.add_argument("--minutes", type=float, help="training time limit (default: demo 8, tiny none)")
+    p.add_argument("--steps", type=positive_int, help="training steps (default: demo 1000, tiny 120)")
+    p.add_argument("--minutes", type=positive_float, help="training time limit (default: demo 8, tiny none)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("models", help="list the shipped model architectures")
@@ -195,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="folder to write (model.safetensors + config.yaml)")
     p.add_argument("--base-config", default="psm-paper", help="architecture the official run used")
     p.add_argument("--allow-partial", action="store_true", help="write even if some keys cannot be mapped")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR (default: refuse)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser(
@@ -259,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imagery-source", default="sentinel2")
     p.add_argument("--split", help="only rows of this split (the manifest's split column)")
     p.add_argument("--prefix", help="shard name prefix (default: the split, or 'train')")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=positive_int, default=1000)
     add_raster_arguments(p)
     p.add_argument("--on-error", choices=("raise", "skip"), default="skip")
     p.add_argument("--report", help="path stem of the skipped-rows report (default OUT_DIR/skipped)")
@@ -282,9 +358,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``psm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # LightningCLI parses its own options (argparse would reject them)
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return _cmd_train(argparse.Namespace(lightning_args=argv[1:]))
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback, and the code shells expect
+        print("\npsm: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:
+        # Python's recipe: point stdout at /dev/null so the flush at exit does not fail a second time.
+        with contextlib.suppress(OSError, ValueError):  # no real stdout (tests): nothing to redirect
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
+
+
+def _run(argv: list[str]) -> int:
+    """Parse ``argv`` and run its command."""
+    flags = 0
+    while argv[flags : flags + 1] in (["-v"], ["--verbose"]):
+        flags += 1
+    if argv[flags : flags + 1] == ["train"]:  # LightningCLI parses its own options (argparse would reject them)
+        level = logging.INFO if flags else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        return _cmd_train(argparse.Namespace(lightning_args=argv[flags + 1 :]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

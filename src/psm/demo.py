@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from psm.cli import INTERRUPTED
 from psm.cli import main as psm
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "world-demo.yaml"
@@ -56,6 +57,8 @@ def _step(title: str, argv: list[str]) -> None:
     print(f"\n=== {title}\n$ psm {' '.join(argv)}", flush=True)
     start = time.perf_counter()
     code = psm(argv)
+    if code == INTERRUPTED:  # Ctrl-C in a step stops the whole demo with the same code (the step said so)
+        raise SystemExit(INTERRUPTED)
     if code:
         raise SystemExit(f"psm demo: step failed with exit code {code}: psm {' '.join(argv)}")
     print(f"({time.perf_counter() - start:.0f} s)", flush=True)

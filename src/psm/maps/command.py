@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from psm.cli import non_negative_int, positive_float, positive_int
 from psm.data.imagery_sources import add_raster_arguments
 
 
@@ -39,9 +40,9 @@ def add_index_parser(map_subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--bbox", nargs=4, metavar=("W", "S", "E", "N"), help="lon/lat box; W > E crosses ±180°")
     r.add_argument("--geojson", help="GeoJSON (Multi)Polygon file: only points inside it")
     r.add_argument("--like-raster", help="use this raster's pixel grid (CRS, transform, shape) as the points")
-    r.add_argument("--spacing-m", type=float, help="point spacing in metres (with --bbox / --geojson)")
+    r.add_argument("--spacing-m", type=positive_float, help="point spacing in metres (with --bbox / --geojson)")
     r.add_argument("--crs", help="grid CRS for --spacing-m (default: equal-area centred on the region)")
-    r.add_argument("--max-points", type=int, help="refuse larger grids (default 200 M)")
+    r.add_argument("--max-points", type=positive_int, help="refuse larger grids (default 200 M)")
     r.add_argument("--force", action="store_true", help="allow grids above --max-points")
 
     s = p.add_argument_group("imagery")
@@ -55,10 +56,10 @@ def add_index_parser(map_subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--min-valid", type=float, default=1.0, help="fraction of a footprint that must have imagery")
     add_raster_arguments(s)
     s.add_argument("--cache", help="XYZ tile cache folder (reruns reuse it)")
-    s.add_argument("--timeout", type=float, default=10.0, help="XYZ request timeout in seconds")
-    s.add_argument("--retries", type=int, default=4, help="XYZ retries per tile")
-    s.add_argument("--tile-concurrency", type=int, default=8, help="simultaneous XYZ requests")
-    s.add_argument("--max-tile-zoom", type=int, default=19, help="highest web-mercator zoom the layer has")
+    s.add_argument("--timeout", type=positive_float, default=10.0, help="XYZ request timeout in seconds")
+    s.add_argument("--retries", type=non_negative_int, default=4, help="XYZ retries per tile")
+    s.add_argument("--tile-concurrency", type=positive_int, default=8, help="simultaneous XYZ requests")
+    s.add_argument("--max-tile-zoom", type=non_negative_int, default=19, help="highest web-mercator zoom the layer has")
     s.add_argument(
         "--tile-header",
         action="append",
@@ -67,16 +68,16 @@ def add_index_parser(map_subparsers: Any) -> argparse.ArgumentParser:
         help="an HTTP header for every XYZ request (repeatable); keys from the environment as {env:NAME}, "
         "also in the URL template, e.g. 'Authorization: Bearer {env:TILE_TOKEN}'",
     )
-    s.add_argument("--tolerance-m", type=float, default=1000.0, help="folder source: max distance to an image")
+    s.add_argument("--tolerance-m", type=positive_float, default=1000.0, help="folder source: max distance to an image")
 
     o = p.add_argument_group("run")
     o.add_argument("--out", required=True, help="index folder (created; rerun to resume)")
-    o.add_argument("--chunk-size", type=int, help="points per chunk (default 4096, or the existing index's)")
-    o.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    o.add_argument("--chunk-size", type=positive_int, help="points per chunk (default 4096, or the existing index's)")
+    o.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     o.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     o.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    o.add_argument("--workers", type=int, default=8, help="image reading/decoding threads")
-    o.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead of the model")
+    o.add_argument("--workers", type=positive_int, default=8, help="image reading/decoding threads")
+    o.add_argument("--prefetch", type=non_negative_int, default=2, help="batches decoded ahead of the model")
     o.add_argument(
         "--transform-on",
         choices=("auto", "workers", "device"),
@@ -94,9 +95,11 @@ def add_index_parser(map_subparsers: Any) -> argparse.ArgumentParser:
         "Default: on a GPU when at least 100,000 tiles are left (~3x the tiles/s after ~30 s of compiling)",
     )
     o.add_argument("--no-compile", dest="compile", action="store_false", help="never compile the image encoder")
-    o.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM_PROCID or 0)")
-    o.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE / SLURM_NTASKS or 1)")
-    o.add_argument("--max-chunks", type=int, help="stop after computing this many chunks (rerun to continue)")
+    o.add_argument("--rank", type=non_negative_int, help="this process's rank (default: RANK / SLURM_PROCID or 0)")
+    o.add_argument("--world-size", type=positive_int, help="number of ranks (default: WORLD_SIZE / SLURM_NTASKS or 1)")
+    o.add_argument(
+        "--max-chunks", type=non_negative_int, help="stop after computing this many chunks (rerun to continue)"
+    )
     o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
     p.set_defaults(func=_cmd_index)
     return p
@@ -148,9 +151,13 @@ def parse_headers(specs: list[str]) -> dict[str, str] | None:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from psm.maps.index import build_index
+    from psm.maps.query_command import _device
     from psm.maps.sources import parse_source
 
     try:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise _UsageError(f"--out {args.out}: exists and is not a folder")
+        _device(args.device)  # a device torch does not know: an error now, not a traceback after the grid
         grid = _make_grid(args)
         model, name = _load_model(args)
         source_name = args.imagery_source or model.config.image.imagery_source

@@ -8,15 +8,19 @@ reported on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from psm.cli import positive_int
+
 TOKENIZER_DIR = "tokenizer"  # where training saves the tokenizer inside a checkpoint folder
 
 
-class _UsageError(Exception):
-    """A problem with the command's inputs: reported on stderr with exit code 2."""
+class _UsageError(ValueError):
+    """A problem with the command's inputs: reported on stderr with exit code 2 (a ValueError, so callers that
+    report ValueErrors, such as ``psm map index``, report it too)."""
 
 
 def _common(p: argparse.ArgumentParser, *, query: bool = True, metadata: bool = True) -> None:
@@ -59,7 +63,7 @@ def _common(p: argparse.ArgumentParser, *, query: bool = True, metadata: bool = 
         )
     r = p.add_argument_group("run")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    r.add_argument("--batch-size", type=int, default=4096, help="points per fusion forward pass")
+    r.add_argument("--batch-size", type=positive_int, default=4096, help="points per fusion forward pass")
     r.add_argument("--precision", choices=("float32", "bfloat16"), default="float32", help="fusion precision")
     r.add_argument("--cache-dir", help="conditioned-embedding cache (default INDEX/conditioned)")
     if query:
@@ -120,7 +124,7 @@ def add_query_parsers(map_subparsers: Any) -> None:
     t.add_argument("--hours", type=float, nargs="+", help="hours of the frames, e.g. 0 6 12 18")
     t.add_argument("--months", type=float, nargs="+", help="months of the frames, e.g. 1 4 7 10")
     p.add_argument("--zoom", type=int, help="zoom level (default: the index's first)")
-    p.add_argument("--duration-ms", type=int, default=900, help="GIF frame duration")
+    p.add_argument("--duration-ms", type=positive_int, default=900, help="GIF frame duration")
     p.add_argument("--mp4", action="store_true", help="also write PREFIX.mp4 (needs ffmpeg; skipped otherwise)")
     p.add_argument("--html", action="store_true", help="also write an HTML page per frame")
     _outputs(p, scale_default="shared", cmap="viridis")
@@ -169,10 +173,18 @@ def add_query_parsers(map_subparsers: Any) -> None:
 
 
 def _device(name: str) -> str:
+    """The torch device ``--device`` names (auto: cuda when there is one); a name torch does not know, or a GPU
+    this machine lacks, is a usage error here rather than a traceback from deep inside model loading."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise _UsageError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise _UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 
@@ -229,6 +241,31 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise _UsageError("--width must be at least 200 pixels")
     if args.batch_size < 1:
         raise _UsageError("--batch-size must be positive")
+    cmap = getattr(args, "cmap", None)
+    if cmap is not None:
+        import matplotlib
+
+        if cmap not in matplotlib.colormaps:
+            raise _UsageError(f"--cmap {cmap!r}: not a matplotlib colormap (e.g. viridis, magma, inferno)")
+    out = getattr(args, "out", None)
+    if out is not None:
+        if out.endswith(("/", os.sep)) or Path(out).is_dir():
+            raise _UsageError(f"--out {out}: a folder; --out is a file prefix, e.g. {Path(out) / 'map'}")
+        _check_folder("--out", Path(out).parent)
+    csv = getattr(args, "csv", None)
+    if csv not in (None, "-"):
+        if Path(csv).is_dir():
+            raise _UsageError(f"--csv {csv}: a folder, not a file")
+        _check_folder("--csv", Path(csv).parent)
+
+
+def _check_folder(option: str, folder: Path) -> None:
+    """Refuse an output whose folder is a file, or exists but cannot be written (before any work is done)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise _UsageError(f"{option}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise _UsageError(f"{option}: cannot write in {existing}")
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -246,6 +283,7 @@ def _guard(name: str, fn: Any, args: argparse.Namespace) -> int:
 
     from psm.data.audio import AudioDecodeError
     from psm.data.metadata import MetadataError
+    from psm.data.world.world import WorldError
     from psm.maps.query import MapQueryError
     from psm.models.checkpoint import CheckpointError
 
@@ -254,7 +292,8 @@ def _guard(name: str, fn: Any, args: argparse.Namespace) -> int:
             warnings.simplefilter("always", RuntimeWarning)
             warnings.showwarning = lambda msg, *a, **k: print(f"psm map {name}: warning: {msg}", file=sys.stderr)
             return fn(args)
-    except (_UsageError, MapQueryError, MetadataError, CheckpointError, AudioDecodeError, FileNotFoundError) as e:
+    except (_UsageError, MapQueryError, MetadataError, CheckpointError, AudioDecodeError, WorldError, OSError) as e:
+        # OSError: an input that cannot be read or an output that cannot be written (named in the message)
         print(f"psm map {name}: error: {e}", file=sys.stderr)
         return 2
 
@@ -423,6 +462,8 @@ def _do_agreement(args: argparse.Namespace) -> int:
     from psm.maps.agreement import truth_agreement
     from psm.maps.query import default_zoom
 
+    if args.out:
+        _check_folder("--out", Path(args.out).parent)
     index, model = _load(args)
     result = truth_agreement(
         index,

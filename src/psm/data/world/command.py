@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from psm.cli import positive_int
 
 
 def _centre(text: str) -> tuple[float, float]:
@@ -105,6 +108,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     from psm.data.world.world import WorldError, load_world
 
     try:
+        if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+            raise ValueError(f"{args.out_dir} exists and is not a folder")
         w = load_world(args.world)
         records = iter_shard_records(w, split=args.split, stop=args.limit, image_format=args.image_format)
         report = pack_records(
@@ -123,11 +128,17 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 def _cmd_picture(args: argparse.Namespace) -> int:
     from psm.data.world.picture import draw_picture
-    from psm.data.world.world import WorldError
+    from psm.data.world.world import WorldError, load_world
 
+    out = Path(args.out)
     try:
-        path = draw_picture(args.world, args.out, event=args.event, month=args.month, hours=tuple(args.hours))
-    except (WorldError, ValueError, KeyError) as e:
+        if out.suffix.lower() != ".png":
+            raise ValueError(f"{out}: the picture is a PNG; give a file name ending in .png")
+        w = load_world(args.world)
+        if args.event not in w.events:
+            raise ValueError(f"unknown event {args.event!r}; the world's events: {', '.join(w.events)}")
+        path = draw_picture(w, out, event=args.event, month=args.month, hours=tuple(args.hours))
+    except (WorldError, ValueError, KeyError, OSError) as e:  # OSError: an unwritable output
         print(f"psm world picture: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
@@ -158,7 +169,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="centre of the region (default 52.45,12.6: Havelland, Brandenburg)",
     )
     p.add_argument("--extent-km", type=float, help="side of the square region (default: 16 tiny, 50 demo/large)")
-    p.add_argument("--samples", type=int, help="number of samples (default: the size's)")
+    p.add_argument("--samples", type=positive_int, help="number of samples (default: the size's)")
     p.add_argument("--stream", action="store_true", help="plan the samples but do not write their audio")
     p.add_argument(
         "--seasons",
@@ -167,7 +178,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="M,M,...",
         help="also write a mosaic for each of these months (imagery/mosaic_mMM.tif)",
     )
-    p.add_argument("--workers", type=int, help="audio processes (default: up to 2); the bytes do not change")
+    p.add_argument("--workers", type=positive_int, help="audio processes (default: up to 2); the bytes do not change")
     p.add_argument("--overwrite", action="store_true", help="replace an existing world")
     p.add_argument("--progress", dest="verbose_progress", action="store_true", help="print audio progress")
     p.set_defaults(func=_cmd_generate)
@@ -178,7 +189,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = wsub.add_parser("baseline", help="log-mel logistic-regression baseline: is the world learnable?")
     p.add_argument("world")
-    p.add_argument("--limit", type=int, help="use only the first N samples (or N fresh ones with --fresh)")
+    p.add_argument("--limit", type=positive_int, help="use only the first N samples (or N fresh ones with --fresh)")
     p.add_argument("--fresh", action="store_true", help="render fresh samples in memory instead of the files")
     p.add_argument("--seed", type=int, default=1, help="seed of the fresh samples")
     p.add_argument("--json", action="store_true", help="also print the numbers as JSON")
@@ -187,10 +198,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = wsub.add_parser("pack", help="stream a world's samples into WebDataset shards (audio rendered on the fly)")
     p.add_argument("world")
     p.add_argument("out_dir")
-    p.add_argument("--split", help="only this split (train/val/test)")
-    p.add_argument("--limit", type=int, help="only samples before this index")
+    p.add_argument("--split", choices=("train", "val", "test"), help="only this split")
+    p.add_argument("--limit", type=positive_int, help="only samples before this index")
     p.add_argument("--prefix", help="shard name prefix (default: the split, or 'train')")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=positive_int, default=1000)
     p.add_argument("--image-format", choices=("png", "jpg"), default="png")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_pack)
