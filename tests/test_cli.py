@@ -175,3 +175,12 @@ def test_world_commands_refuse_bad_arguments(tmp_path, capsys):
     assert "--split" in _usage_error(["world", "pack", world, str(tmp_path / "s"), "--split", "tset"], capsys)
     assert main(["world", "picture", world, str(tmp_path)]) == 2
     assert "give a file name ending in .png" in capsys.readouterr().err
+
+
+def test_evaluate_and_embed_refuse_an_unknown_device(tmp_path, capsys):
+    for command in ("evaluate", "embed"):
+        args = [command, "--checkpoint", str(tmp_path), "--manifest", str(tmp_path / "m.csv"), "--device", "nosuch"]
+        if command == "embed":
+            args += ["--out", str(tmp_path / "e.parquet")]
+        assert main(args) == 2
+        assert "--device 'nosuch': not a torch device" in capsys.readouterr().err

@@ -99,8 +99,6 @@ def _raster_bands(args: argparse.Namespace, command: str) -> object | None:
     from psm.data.imagery import RasterBands
 
     try:
-        if min(args.bands) < 1:
-            raise ValueError(f"--bands are 1-based raster band numbers, got {args.bands}")
         return RasterBands(args.bands, args.scale)
     except ValueError as e:
         print(f"psm data {command}: {e}", file=sys.stderr)

@@ -412,6 +412,8 @@ class RasterBands:
         object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))
         if len(self.bands) != 3:
             raise ValueError(f"raster bands must name 3 bands (R G B), got {list(self.bands)}")
+        if min(self.bands) < 1:
+            raise ValueError(f"raster bands are 1-based band numbers, got {list(self.bands)}")
         if self.scale is not None:
             lo, hi = (float(v) for v in self.scale)
             if not hi > lo:

@@ -13,12 +13,6 @@ from psm.data.imagery_sources import add_raster_arguments
 TOKENIZER_DIR = "tokenizer"  # the trainer saves the tokenizer it used here, inside the checkpoint folder
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class _UsageError(Exception):
     """A problem with the command's inputs: reported on stderr with exit code 2."""
 
@@ -52,9 +46,13 @@ def _check_out(path: Path, folder: bool) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    from psm.devices import resolve_device
     from psm.models.checkpoint import CheckpointError, load_checkpoint
 
-    device = args.device or _default_device()
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
     ckpt = Path(args.checkpoint)
     try:
         model, _ = load_checkpoint(ckpt, device=device)
@@ -250,7 +248,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ceiling",
         help="retrieval ceilings of an offline world: oracle rankings from its truth and labels",
-        description="Image→audio R@10%% and median rank of rankings by the world's truth (what a perfect listener "
+        description="Image→audio R@10% and median rank of rankings by the world's truth (what a perfect listener "
         "could reach on the split), with and without metadata and the background ambience.",
     )
     p.add_argument("--world", required=True, help="world folder written by `psm world generate`")

@@ -173,19 +173,13 @@ def add_query_parsers(map_subparsers: Any) -> None:
 
 
 def _device(name: str) -> str:
-    """The torch device ``--device`` names (auto: cuda when there is one); a name torch does not know, or a GPU
-    this machine lacks, is a usage error here rather than a traceback from deep inside model loading."""
-    import torch
+    """The torch device ``--device`` names (:func:`psm.devices.resolve_device`), as a usage error."""
+    from psm.devices import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise _UsageError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise _UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return name
+        return resolve_device(name)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
