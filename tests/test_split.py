@@ -324,3 +324,22 @@ def test_write_split_parquet(tmp_path: Path) -> None:
     assert len(back) == len(df) and {"split", "split_cell"} <= set(back.columns)
     assert back.split.value_counts().to_dict() == {k: v for k, v in summary["samples"].items() if v}
     assert (tmp_path / "o.parquet.split-summary.json").exists()
+
+
+def test_write_split_elsewhere_keeps_the_file_paths_pointing_at_the_same_files(tmp_path: Path) -> None:
+    # Paths in a manifest are relative to its folder: copied verbatim into another folder, they named nothing.
+    df = _synthetic(20)
+    df["audio_path"] = [f"audio/{i}.wav" for i in range(len(df))]
+    df["image_sentinel2"] = ["imagery/mosaic.tif"] * len(df)
+    df.loc[0, "image_sentinel2"] = "https://example.org/tile.png"
+    (tmp_path / "data").mkdir()
+    src = tmp_path / "data" / "m.csv"
+    df.to_csv(src, index=False)
+    write_split(src, tmp_path / "splits" / "m.csv", seed=1)
+    back = pd.read_csv(tmp_path / "splits" / "m.csv", dtype=str, keep_default_na=False)
+    for column in ("audio_path", "image_sentinel2"):
+        moved = [(tmp_path / "splits" / v).resolve() for v in back[column][1:]]
+        assert moved == [(tmp_path / "data" / v).resolve() for v in df[column][1:]]
+    assert back.loc[0, "image_sentinel2"] == "https://example.org/tile.png"
+    write_split(src, tmp_path / "data" / "same.csv", seed=1)  # the same folder: verbatim
+    assert pd.read_csv(tmp_path / "data" / "same.csv", dtype=str).audio_path.tolist() == df.audio_path.tolist()

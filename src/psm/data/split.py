@@ -456,6 +456,20 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def _rebase_paths(df: pd.DataFrame, src_dir: Path, out_dir: Path) -> pd.DataFrame:
+    """Relative ``audio_path`` / ``image_*`` cells re-expressed from ``out_dir``, so they name the same files."""
+    out_dir = out_dir.resolve()
+    src_dir = src_dir.resolve()
+
+    def rebase(value: Any) -> Any:
+        if not isinstance(value, str) or not value or "://" in value or os.path.isabs(value):
+            return value
+        return os.path.relpath(src_dir / value, out_dir)
+
+    columns = [c for c in df.columns if c == "audio_path" or str(c).startswith("image_")]
+    return df.assign(**{c: df[c].map(rebase) for c in columns})
+
+
 def _is_parquet(path: Path) -> bool:
     return path.suffix.lower() in {".parquet", ".pq"}
 
@@ -482,6 +496,8 @@ def write_split(
     result = geographic_split(df, **kwargs)
     df = df.assign(split=result.labels, split_cell=result.cells)
     summary = {"manifest": str(src), "output": str(out), **result.summary}
+    if out.parent.resolve() != src.parent.resolve():
+        df = _rebase_paths(df, src.parent, out.parent)  # a manifest's file paths are relative to its folder
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if _is_parquet(out):
