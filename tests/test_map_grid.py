@@ -265,3 +265,33 @@ def test_a_grid_crs_whose_units_are_not_ground_metres_is_refused():
         grid_for_region(region, 1000, crs="EPSG:3857")
     assert len(grid_for_region(region, 1000, crs="EPSG:32633")) > 0  # UTM: metres
     assert len(grid_for_region(Region.from_bbox(5, 0, 5.5, 0.3), 1000, crs="EPSG:3857")) > 0  # at the equator
+
+
+@pytest.mark.parametrize("crs", ["EPSG:6933", "EPSG:3857"])
+def test_a_region_across_the_grid_crs_antimeridian_is_refused_not_inverted(crs):
+    # Both CRSs pass the ground-metre check at the equator, but their x wraps at ±180°: the projected box would
+    # be the rest of the world (a 40,000 km wide grid of every point *outside* the region).
+    region = Region.from_bbox(170, -10, -170, 10)
+    with pytest.raises(RegionError, match="crosses the edge"):
+        grid_for_region(region, 20_000, crs=crs)
+    grid = grid_for_region(region, 20_000, crs="EPSG:32660")  # a CRS centred near 180°: fine
+    c = _all_points(grid)
+    assert np.all((c.longitude >= 170) | (c.longitude <= -170))
+
+
+@pytest.mark.parametrize("x0, lon0", [(-180.0, -180.0), (0.0, 350.0)])
+def test_a_geographic_target_raster_is_masked_on_either_side_of_the_antimeridian(tmp_path, x0, lon0):
+    # A degree raster covering -180…-170 (or 350…360 of a 0…360 raster) and a region given on the other
+    # side of ±180° (or as -10…10 of longitude): the part of the region in the raster is masked in.
+    path = tmp_path / "geo.tif"
+    width = round((lon0 + 10 - x0) / 0.1)
+    with rasterio.open(
+        path, "w", driver="GTiff", width=width, height=200, count=1, dtype="uint8",
+        crs="EPSG:4326", transform=from_origin(x0, 10, 0.1, 0.1),
+    ) as dst:  # fmt: skip
+        dst.write(np.zeros((1, 200, width), np.uint8))
+    region = Region.from_bbox(170, -10, -170, 10) if x0 < 0 else Region.from_bbox(-10, -10, 10, 10)
+    grid = grid_like_raster(path, region)
+    c = _all_points(grid)
+    assert len(grid) == (100 if x0 < 0 else 200) * 200
+    assert np.all((c.longitude >= 170) | (c.longitude <= -170)) if x0 < 0 else np.all(np.abs(c.longitude) <= 10)

@@ -316,6 +316,25 @@ def test_refuses_to_resume_a_different_index(full_index, raster, tmp_path):
     assert build(out, raster).complete  # the right settings still resume
 
 
+def test_refuses_to_resume_with_other_bands_or_scaling(raster, tmp_path):
+    # The same files read as other bands (or with another --scale) give other features: resuming would mix
+    # two imageries in one map. The file names may change (moved or re-globbed files), the pixels may not.
+    out = tmp_path / "index"
+    build(out, raster, max_chunks=1)
+    model = create_model("psm-tiny", seed=0)
+    kw = {"zooms": ZOOMS, "chunk_size": CHUNK, "progress": False, "max_chunks": 1}
+    for bands, scale, what in (((3, 2, 1), None, "provider bands"), ((1, 2, 3), (0.0, 128.0), "provider scale")):
+        with (
+            RasterProvider([raster], bands=bands, scale=scale) as provider,
+            pytest.raises(IndexMismatchError, match=what),
+        ):
+            build_index(model, make_grid(), provider, out, **kw)
+    moved = tmp_path / "moved.tif"
+    moved.write_bytes(raster.read_bytes())
+    with RasterProvider([moved]) as provider:
+        assert build_index(model, make_grid(), provider, out, **kw).computed == [1]
+
+
 def test_rank_sharding_sequential(full_index, raster, tmp_path):
     out = tmp_path / "index"
     r0 = build(out, raster, rank=0, world_size=2)
@@ -350,6 +369,33 @@ def test_custom_decoder_and_progress_counters(raster, tmp_path):
     assert np.all(arrays["valid_z1"]) and np.all(np.isfinite(arrays["z1"].astype(np.float32)))
     # the same image everywhere gives the same feature everywhere
     assert np.all(arrays["z1"] == arrays["z1"][0])
+
+
+def test_features_that_overflow_float16_are_nodata_not_inf(raster, tmp_path):
+    from psm.maps.index import DecodedBatch
+
+    def ramp(lats, lons, zooms):  # one image per point, its value the point's latitude rank
+        x = torch.as_tensor(np.argsort(np.argsort(lats)), dtype=torch.float32)[:, None, None, None]
+        return DecodedBatch(
+            {z: x.expand(-1, 3, 64, 64).clone() for z in zooms}, {z: np.ones(len(lats), bool) for z in zooms}
+        )
+
+    torch.set_num_threads(1)
+    model = create_model("psm-tiny", seed=0)
+    eager = model.image_features
+    # Every other image's feature is far beyond float16's 65,504 (as a diverging model's would be).
+    model.image_features = lambda x, z: eager(x, z) * torch.where(x[:, :1, 0, 0] % 2 == 1, 1e9, 1.0)
+    grid = make_grid()
+    with RasterProvider([raster], workers=1) as provider:
+        report = build_index(
+            model, grid, provider, tmp_path / "index", zooms=(1,), chunk_size=CHUNK, batch_size=8, workers=1,
+            progress=False, decoder=ramp,
+        )  # fmt: skip
+    arrays = read_arrays(tmp_path / "index")
+    valid, feats = arrays["valid_z1"], arrays["z1"].astype(np.float32)
+    assert 0 < valid.sum() < len(valid)
+    assert np.isfinite(feats[valid]).all() and np.isnan(feats[~valid]).all()  # never inf, never "valid"
+    assert report.problems == int((~valid).sum()) and report.valid_in_index[1] == int(valid.sum())
 
 
 def test_index_over_an_xyz_layer(tmp_path):

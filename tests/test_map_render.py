@@ -133,6 +133,16 @@ def test_png_size_and_legend(tmp_path):
     assert grey.sum() > 1000
 
 
+def test_png_shows_user_text_with_dollar_signs_as_typed(tmp_path):
+    # Matplotlib would parse "$...$" as mathtext: a query such as "coins $x^$" made the whole PNG fail, and
+    # "$5 and $10" lost its dollars. User text is drawn as typed.
+    grid = GRIDS["EPSG:32633"]
+    for i, q in enumerate(["price $\\frac$ tag", "a_b ^ $x^$", "cash register $5 and $10"]):
+        lg = MapLegend(title=q, query=f'text: "{q}"', metadata={"note": q}, value_label=f"score of {q}")
+        path = write_png(sample_raster(grid), tmp_path / f"m{i}.png", grid=grid, legend=lg, vmin=-3.4, vmax=-2.6)
+        assert path.is_file()
+
+
 def test_html_is_self_contained_with_legend(tmp_path):
     grid = GRIDS["EPSG:32633"]
     path = write_html(sample_raster(grid), tmp_path / "m.html", grid=grid, legend=legend(), vmin=-3.4, vmax=-2.6)

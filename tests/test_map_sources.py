@@ -168,6 +168,23 @@ def test_raster_batch_reads_equal_point_reads(tmp_path):
         assert prov.problems == []
 
 
+def test_raster_across_the_antimeridian_is_found_on_both_sides(tmp_path):
+    # A UTM zone 60 raster straddling ±180°: its lat/lon bounds come back with west > east, and points on
+    # either side of the antimeridian must still find it (not read as "no imagery").
+    kw = dict(x0=832000.0, y0=50000.0, crs="EPSG:32660")
+    path = write_pattern_raster(tmp_path / "am.tif", **kw)
+    west = lonlat_of_pixel(150, 50, **kw)
+    east = lonlat_of_pixel(150, 350, **kw)
+    assert west[1] > 179.9 and east[1] < -179.9
+    with RasterProvider([path], workers=1) as prov:
+        for (lat, lon), col in ((west, 50), (east, 350)):
+            assert [i for i, _ in prov.candidates(lat, lon)] == [0]
+            assert tuple(prov.read(lat, lon, 32, 10.0)[16, 16]) == (col % 256, 150, 7)
+        batch = prov.read_masked_batch([west[0], east[0]], [west[1], east[1]], 32, 10.0)
+        assert [tuple(img[16, 16]) for img, _ in batch] == [(50, 150, 7), (350 % 256, 150, 7)]
+        assert prov.problems == []
+
+
 def test_group_windows_reads_a_box_only_when_it_is_no_larger_than_its_windows():
     assert group_windows(np.array([], dtype=int), np.array([], dtype=int), 10) == []
     runs = group_windows(np.array([0, 2, 4, 100, 0]), np.array([0, 0, 0, 0, 40]), 10)
@@ -553,3 +570,23 @@ def test_folder_provider_xy_and_path_columns(tmp_path):
     Image.fromarray(np.full((40, 40, 3), 5, np.uint8)).save(folder / "007_1.0_2.0.png")
     pd.DataFrame({"id": ["007"], "latitude": [1.0], "longitude": [2.0]}).to_csv(tmp_path / "z.csv", index=False)
     assert FolderProvider(folder, tmp_path / "z.csv").read(1.0, 2.0, 16, 10.0)[0, 0].tolist() == [5, 5, 5]
+
+
+def test_folder_provider_transparent_pixels_are_no_imagery(tmp_path):
+    # A PNG exported with an alpha channel (transparent outside the scene): its transparent pixels are no
+    # imagery, never the black RGB underneath scored as a real place.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rgba = np.zeros((100, 100, 4), np.uint8)
+    rgba[:, 50:] = (90, 120, 60, 255)  # the eastern half is the scene, the western half transparent black
+    Image.fromarray(rgba, "RGBA").save(folder / "a.png")
+    Image.fromarray(np.full((100, 100, 4), 200, np.uint8), "RGBA").save(folder / "b.png")  # opaque: all valid
+    pd.DataFrame({"path": ["a.png", "b.png"], "lat": [52.0, 40.0], "lon": [13.0, -3.0]}).to_csv(
+        tmp_path / "p.csv", index=False
+    )
+    prov = FolderProvider(folder, tmp_path / "p.csv", tolerance_m=100)
+    assert prov.read(52.0, 13.0, 64, 10.0) is None
+    _, valid = prov.read_masked(52.0, 13.0, 64, 10.0)
+    assert not valid[:, :32].any() and valid[:, 32:].all()  # image columns 18…81 of which 50… are the scene
+    assert prov.read(52.0, 13.0, 64, 10.0, min_valid=0.5) is not None
+    assert prov.read_masked(40.0, -3.0, 64, 10.0)[1] is None

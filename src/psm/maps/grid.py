@@ -282,17 +282,39 @@ def _crs_string(crs: Any) -> str:
 
 
 def _project_rings(region: Region, crs: str) -> list[list[np.ndarray]]:
-    """The region's densified rings in ``crs`` coordinates."""
+    """The region's densified rings in ``crs`` coordinates.
+
+    A ring that crosses the CRS's own antimeridian (``lon_0 ± 180°``, e.g. a region across ±180° in
+    EPSG:3857 or EPSG:6933) would come out wrapped to the far side of the world, and the rasterised
+    polygon would be everything *but* the region: such a region is refused. In a geographic CRS the
+    longitudes are unwrapped instead (the caller masks copies of them shifted by ±360°).
+    """
+    from rasterio.crs import CRS
     from rasterio.warp import transform
 
+    geographic = CRS.from_user_input(crs).is_geographic
     out = []
     for poly in region.densified():
         rings = []
         for r in poly:
-            xs, ys = transform("EPSG:4326", crs, r[:, 0].tolist(), r[:, 1].tolist())
-            xy = np.column_stack([np.asarray(xs), np.asarray(ys)])
-            if not np.all(np.isfinite(xy)):
+            n = len(r)
+            # Each edge's midpoint too: projected, it lies halfway along a real edge, not across a wrap.
+            mid = 0.5 * (r[:-1] + r[1:])
+            xs, ys = transform("EPSG:4326", crs, np.r_[r[:, 0], mid[:, 0]].tolist(), np.r_[r[:, 1], mid[:, 1]].tolist())
+            pts = np.column_stack([np.asarray(xs), np.asarray(ys)])
+            if not np.all(np.isfinite(pts)):
                 raise RegionError(f"the region cannot be projected to the grid CRS ({crs[:60]}…)")
+            xy, mxy = pts[:n], pts[n:]
+            if geographic:
+                xy[:, 0] = np.unwrap(xy[:, 0], period=360.0)
+            else:
+                seg = np.hypot(*(xy[1:] - xy[:-1]).T)
+                off = np.hypot(*(mxy - 0.5 * (xy[1:] + xy[:-1])).T)
+                if np.any(off > 0.25 * seg + 1e-9 * np.abs(xy).max()):
+                    raise RegionError(
+                        f"the region crosses the edge (antimeridian) of the grid CRS {crs[:60]!r}: leave --crs "
+                        "out (an equal-area grid centred on the region) or use a CRS centred on it, e.g. its UTM zone"
+                    )
             rings.append(xy)
         out.append(rings)
     return out
@@ -571,7 +593,12 @@ def grid_like_raster(
     desc: dict[str, Any] = {"type": "raster", "name": Path(path).name}
     bits = None
     if region is not None:
-        bits = _rasterize_mask(_project_rings(region, _crs_string(crs)), transform, width, height)
+        rings = _project_rings(region, _crs_string(crs))
+        if crs.is_geographic:
+            # Degrees: the raster may use [-180, 180] or [0, 360] and the region's longitudes are unwrapped
+            # past +180 when it crosses the antimeridian, so mask its copies one turn west and east too.
+            rings = [[r + np.array([shift, 0.0]) for r in p] for shift in (-360.0, 0.0, 360.0) for p in rings]
+        bits = _rasterize_mask(rings, transform, width, height)
         desc |= {"mask": region.to_dict()}
     return Grid(_crs_string(crs), transform, width, height, bits, desc)
 

@@ -113,6 +113,10 @@ COMPARED_KEYS = (
     "footprints",
 )
 
+# What of the provider must match too: how its pixels are made (bands, value scaling, the tile layer). File
+# names, folders and caches may change between runs.
+COMPARED_PROVIDER_KEYS = ("type", "bands", "scale", "url", "tile_size", "zoom_range", "image_gsd_m")
+
 
 class IndexMismatchError(ValueError):
     """An existing index was built with other settings; resuming into it would mix two indexes."""
@@ -400,10 +404,20 @@ def read_index_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 def check_compatible(existing: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> None:
     """Raise :class:`IndexMismatchError` naming what differs between an index and this run."""
     differ = [k for k in COMPARED_KEYS if _jsonable(existing.get(k)) != _jsonable(wanted.get(k))]
+    # Other bands or another scaling resumed into an index would mix two imageries' features in one map.
+    old_p, new_p = (m.get("provider") or {} for m in (existing, wanted))
+    differ += [
+        f"provider {k}"
+        for k in COMPARED_PROVIDER_KEYS
+        if (k in old_p or k in new_p) and _jsonable(old_p.get(k)) != _jsonable(new_p.get(k))
+    ]
     if differ:
         details = []
         for k in differ:
-            old, new = existing.get(k), wanted.get(k)
+            if k.startswith("provider "):
+                old, new = old_p.get(k[9:]), new_p.get(k[9:])
+            else:
+                old, new = existing.get(k), wanted.get(k)
             if k == "model" and isinstance(old, Mapping) and isinstance(new, Mapping):
                 sub = [s for s in ("name", "fingerprint", "config") if _jsonable(old.get(s)) != _jsonable(new.get(s))]
                 details.append(f"model ({', '.join(sub)})")
@@ -708,7 +722,7 @@ def build_index(
             if not submit_next():
                 break
         while pending:
-            (k, zs, n, b0, b1, _, _), futs = pending.popleft()
+            (k, zs, n, b0, b1, lats, lons), futs = pending.popleft()
             submit_next()  # keep the decode threads `prefetch` batches ahead of the model
             decoded = DecodedBatch.concat([f.result() for f in futs])
             if current is None:
@@ -718,12 +732,21 @@ def build_index(
                     "valid": {z: np.zeros(n, dtype=bool) for z in zs},
                 }
             for z in zs:
-                v = decoded.valid[z]
-                current["valid"][z][b0:b1] = v
+                v = decoded.valid[z].copy()
                 if v.any():
                     f = encode(decoded.images[z], z)
-                    current["feats"][z][b0:b1][v] = f
                     report.embedded += len(f)
+                    # A feature beyond float16's ±65,504 (or a NaN from the model) would be stored as inf/NaN
+                    # with the point marked valid: it is nodata instead, and recorded as a problem.
+                    finite = np.isfinite(f).all(axis=1)
+                    if not finite.all():
+                        for i in np.flatnonzero(v)[~finite]:
+                            problem = f"zoom {z}: the image feature is not finite in float16 (overflow or NaN)"
+                            skip_log.record(DataProblem(problem, key=f"{lats[i]:.6f},{lons[i]:.6f}"))
+                        v[np.flatnonzero(v)[~finite]] = False
+                        f = f[finite]
+                    current["feats"][z][b0:b1][v] = f
+                current["valid"][z][b0:b1] = v
             report.tiles += (b1 - b0) * len(zs)
             bar.update(b1 - b0)
             elapsed = time.perf_counter() - start

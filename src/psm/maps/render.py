@@ -318,17 +318,22 @@ def write_png(
     ax.set_xticks([])
     ax.set_yticks([])
     title = textwrap.shorten(legend.title, width=max(30, int(width_px / 11)), placeholder=" …")
-    fig.text(0.5, (height_in - 0.32) / height_in, title, ha="center", va="center", fontsize=14, weight="bold")
+    # parse_math=False: user text ("$5 cash register") is shown as typed, never parsed as mathtext (which
+    # drops the dollars or fails on the whole map for "$x^$").
+    fig.text(
+        0.5, (height_in - 0.32) / height_in, title, ha="center", va="center", fontsize=14, weight="bold",
+        parse_math=False,
+    )  # fmt: skip
     cax_y = y_top - map_h - cbar_gap
     cax = fig.add_axes((0.15, cax_y / height_in, 0.7, cbar_h / height_in))
     bar = fig.colorbar(
         ScalarMappable(Normalize(vmin, vmax), matplotlib.colormaps[cmap]), cax=cax, orientation="horizontal"
     )
-    bar.set_label(legend.value_label, fontsize=9)
+    bar.set_label(legend.value_label, fontsize=9, parse_math=False)
     bar.ax.tick_params(labelsize=8)
     y = cax_y - 0.6
     for line in lines:
-        fig.text(margin / width_in, y / height_in, line, ha="left", va="top", fontsize=9)
+        fig.text(margin / width_in, y / height_in, line, ha="left", va="top", fontsize=9, parse_math=False)
         y -= line_h
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")

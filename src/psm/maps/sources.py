@@ -362,7 +362,11 @@ class RasterProvider(ImageryProvider):
         col, row = np.zeros_like(depth), np.zeros_like(depth)
         b = self._bounds
         for i in range(len(self.paths)):
-            hit = np.nonzero((b[i, 0] <= lons) & (lons <= b[i, 2]) & (b[i, 1] <= lats) & (lats <= b[i, 3]))[0]
+            # west > east: the file crosses the antimeridian (transform_bounds says so), so either side is in.
+            in_lon = (
+                (b[i, 0] <= lons) & (lons <= b[i, 2]) if b[i, 0] <= b[i, 2] else (b[i, 0] <= lons) | (lons <= b[i, 2])
+            )
+            hit = np.nonzero(in_lon & (b[i, 1] <= lats) & (lats <= b[i, 3]))[0]
             if not len(hit):
                 continue
             xs, ys = transform("EPSG:4326", self._crs[i], lons[hit].tolist(), lats[hit].tolist())
@@ -626,7 +630,7 @@ class FolderProvider(ImageryProvider):
             raise ValueError(f"{self.csv}: no row has both a readable location and an image file in {self.folder}")
         self.tolerance_m = float(tolerance_m)
         self.image_gsd_m = image_gsd_m
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[int, Masked] = OrderedDict()
         self._cache_size = int(cache_images)
         self._cache_lock = threading.Lock()
 
@@ -667,14 +671,22 @@ class FolderProvider(ImageryProvider):
         j = int(np.argmin(d))
         return (lo + j, float(d[j])) if d[j] <= self.tolerance_m else None
 
-    def _image(self, i: int) -> np.ndarray:
+    def _image(self, i: int) -> Masked:
+        """Image ``i`` as RGB and its opaque pixels (None: no alpha). Transparent pixels are no imagery, not
+        the black that dropping the alpha channel leaves."""
         from psm.data.imagery import load_image
 
         with self._cache_lock:
             if i in self._cache:
                 self._cache.move_to_end(i)
                 return self._cache[i]
-        img = load_image(self.folder / self._files[i])
+        path = self.folder / self._files[i]
+        rgb = load_image(path)  # missing and corrupt files raise here, with the usual errors
+        opaque = None
+        with Image.open(path) as im:  # (only the header, unless there is an alpha channel to decode)
+            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+                opaque = np.asarray(im.convert("RGBA").getchannel("A")) > 0
+        img: Masked = (rgb, opaque)
         with self._cache_lock:
             self._cache[i] = img
             while len(self._cache) > self._cache_size:
@@ -685,7 +697,7 @@ class FolderProvider(ImageryProvider):
         hit = self.nearest(lat, lon)
         if hit is None:
             return None
-        img = self._image(hit[0])
+        img, opaque = self._image(hit[0])
         native = self.image_gsd_m or gsd_m
         need = max(1, round(size_px * gsd_m / native))  # image pixels covering the footprint
         h, w = img.shape[:2]
@@ -696,7 +708,7 @@ class FolderProvider(ImageryProvider):
         r0, r1 = max(top, 0), min(top + need, h)
         c0, c1 = max(left, 0), min(left + need, w)
         canvas[r0 - top : r1 - top, c0 - left : c1 - left] = img[r0:r1, c0:c1]
-        valid[r0 - top : r1 - top, c0 - left : c1 - left] = True
+        valid[r0 - top : r1 - top, c0 - left : c1 - left] = True if opaque is None else opaque[r0:r1, c0:c1]
         if need != size_px:
             method = Image.Resampling.BOX if need > size_px else Image.Resampling.BILINEAR
             canvas = np.asarray(Image.fromarray(canvas).resize((size_px, size_px), method))
