@@ -451,6 +451,19 @@ def test_partly_missing_tiles_give_a_mask(tile_server):
     assert np.all(image[~valid] == 0)
 
 
+def test_transparent_tile_pixels_are_no_imagery(tile_server, tmp_path):
+    # A layer's edge of coverage comes as transparent pixels: they were scored as black imagery.
+    lat, lon = tile_centre(13, 4400, 2700)  # the footprint spans the tile's middle
+    tile_server.transparent.add((13, 4400, 2700))  # east half transparent
+    for cache in (None, tmp_path / "cache", tmp_path / "cache"):  # fresh, then from the disk cache
+        client = fast_client(tile_server, cache_dir=cache)
+        image, valid = read_footprint(client, lat, lon, 64, 10.0)
+        assert valid is not None and valid[32, 5] and not valid[32, -5]
+        assert np.all(image[~valid] == 0) and image[32, 5].tolist() == list(tile_colour(13, 4400, 2700))
+    opaque = fast_client(tile_server).get(13, 4401, 2700)
+    assert opaque.shape[-1] == 3  # an opaque tile stays RGB
+
+
 def test_cache_is_reused_on_rerun(tile_server, tmp_path):
     lat, lon = tile_centre(13, 4400.4, 2700)
     tile_server.missing.add((13, 4401, 2700))

@@ -30,10 +30,13 @@ def tile_colour(z: int, x: int, y: int) -> tuple[int, int, int]:
     return (x * 53 + 7) % 256, (y * 97 + 11) % 256, (z * 10 + 3) % 256
 
 
-def tile_png(z: int, x: int, y: int, size: int = 256) -> bytes:
-    """PNG bytes of tile (z, x, y)."""
-    img = np.empty((size, size, 3), dtype=np.uint8)
-    img[:] = tile_colour(z, x, y)
+def tile_png(z: int, x: int, y: int, size: int = 256, transparent: bool = False) -> bytes:
+    """PNG bytes of tile (z, x, y); ``transparent``: RGBA with its east half transparent (edge of coverage)."""
+    img = np.empty((size, size, 4 if transparent else 3), dtype=np.uint8)
+    img[..., :3] = tile_colour(z, x, y)
+    if transparent:
+        img[..., 3] = 255
+        img[:, size // 2 :, 3] = 0
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()
@@ -48,6 +51,7 @@ class TileServer:
         self.faults: dict[tuple[int, int, int], list[str]] = defaultdict(list)
         self.fail_first: list[str] = []
         self.missing: set[tuple[int, int, int]] = set()
+        self.transparent: set[tuple[int, int, int]] = set()  # served as RGBA, east half transparent
         self.requests: Counter[tuple[int, int, int]] = Counter()
         self._seen: Counter[tuple[int, int, int]] = Counter()
         self.required_query: str | None = None  # e.g. "key=abc": requests without it get 403, like a keyed service
@@ -131,7 +135,7 @@ class TileServer:
                     time.sleep(server.slow_s)
                     with server._lock:
                         server.active -= 1
-                body = tile_png(z, x, y, server.tile_size)
+                body = tile_png(z, x, y, server.tile_size, transparent=(z, x, y) in server.transparent)
                 try:
                     self.send_response(200)
                     self.send_header("Content-Type", "image/png")

@@ -210,16 +210,19 @@ class TileClient:
             self.on_problem(DataProblem(self.redact(reason), file=self.url(z, x, y), key=f"{z}/{x}/{y}"))
 
     def _decode(self, data: bytes) -> np.ndarray:
-        """Decode a tile fully (so truncation shows now) to RGB uint8 of ``tile_size``²."""
+        """Decode a tile fully (so truncation shows now) to uint8 of ``tile_size``²: RGB, or RGBA when some of
+        it is transparent (a layer's edge of coverage: no imagery there, not black imagery)."""
         if not data:
             raise ValueError("empty body")
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            rgb = img.convert("RGB")
-        if rgb.size != (self.tile_size, self.tile_size):
+            alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+            tile = img.convert("RGBA" if alpha else "RGB")
+        if tile.size != (self.tile_size, self.tile_size):
             # e.g. 512 px "retina" tiles: bring them to the grid the mosaic is built on.
-            rgb = rgb.resize((self.tile_size, self.tile_size), Image.Resampling.BOX)
-        return np.asarray(rgb)
+            tile = tile.resize((self.tile_size, self.tile_size), Image.Resampling.BOX)
+        out = np.asarray(tile)
+        return out[..., :3] if alpha and out[..., 3].min() == 255 else out
 
     def _sleep_backoff(self, attempt: int, retry_after: float | None = None) -> None:
         delay = min(self.max_backoff_s, self.backoff_s * 2.0**attempt)
@@ -300,7 +303,8 @@ class TileClient:
 
     # --- public -----------------------------------------------------------------------------------------
     def get(self, z: int, x: int, y: int) -> np.ndarray | None:
-        """Tile (z, x, y) as RGB uint8 ``tile_size``², None if the server has none; TileFetchError if it fails."""
+        """Tile (z, x, y) as uint8 ``tile_size``² RGB (RGBA where partly transparent), None if the server has
+        none; TileFetchError if it fails."""
         key = (int(z), int(x), int(y))
         waited = False
         while True:
@@ -389,9 +393,11 @@ def read_footprint(
             if tile is None:
                 continue
             r, c = (ty - ty0) * ts, (tx - tx0) * ts
-            canvas[r : r + ts, c : c + ts] = tile
-            valid[r : r + ts, c : c + ts] = True
-            any_tile = True
+            canvas[r : r + ts, c : c + ts] = tile[..., :3]
+            # Transparent pixels (alpha 0) are where the layer has no imagery, as GDAL reads an alpha band.
+            covered = True if tile.shape[-1] == 3 else tile[..., 3] > 0
+            valid[r : r + ts, c : c + ts] = covered
+            any_tile = any_tile or bool(np.any(covered))
     if not any_tile:
         return None
     box = (x0 - tx0 * ts, y0 - ty0 * ts, x1 - tx0 * ts, y1 - ty0 * ts)
