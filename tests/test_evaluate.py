@@ -406,8 +406,8 @@ def test_atomic_outputs_get_the_usual_file_mode(tmp_path):
     """metrics.json/metrics.md and the Parquet came out 0600 (mkstemp's mode), unlike any other written file."""
     import os
 
+    from psm.atomic import write_text_atomic
     from psm.evaluation.embed import write_parquet_atomic
-    from psm.evaluation.report import write_text_atomic
 
     old = os.umask(0o022)
     try:

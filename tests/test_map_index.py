@@ -168,13 +168,14 @@ def test_missing_imagery_is_nodata_never_zero(full_index):
     assert arrays["valid_z3"].sum() < arrays["valid_z1"].sum()  # the larger footprint fits at fewer points
 
 
-def test_index_files_are_readable_by_others_under_the_umask(raster, tmp_path, monkeypatch):
+def test_index_files_are_readable_by_others_under_the_umask(raster, tmp_path):
     """index.json and points.parquet follow the umask like the map outputs, not mkstemp's private 0600."""
-    import psm.maps.render
-
-    monkeypatch.setattr(psm.maps.render, "_UMASK", 0o022)
-    out = tmp_path / "index"
-    build(out, raster, grid=make_grid(4000.0), zooms=(1,))
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "index"
+        build(out, raster, grid=make_grid(4000.0), zooms=(1,))
+    finally:
+        os.umask(old)
     for name in ("index.json", "points.parquet"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
 

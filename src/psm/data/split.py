@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,8 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+
+from psm.atomic import atomic_path, write_text_atomic
 
 __all__ = [
     "SplitResult",
@@ -444,18 +445,6 @@ def _summarise(
 # files
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same folder and os.replace, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _rebase_paths(df: pd.DataFrame, src_dir: Path, out_dir: Path) -> pd.DataFrame:
     """Relative ``audio_path`` / ``image_*`` cells re-expressed from ``out_dir``, so they name the same files."""
     out_dir = out_dir.resolve()
@@ -500,12 +489,12 @@ def write_split(
         df = _rebase_paths(df, src.parent, out.parent)  # a manifest's file paths are relative to its folder
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    if _is_parquet(out):
-        _atomic_write(out, lambda p: df.to_parquet(p, index=False))
-    else:
-        _atomic_write(out, lambda p: df.to_csv(p, index=False))
-    text = json.dumps(summary, indent=2, sort_keys=False) + "\n"
-    _atomic_write(summary_path(out), lambda p: p.write_text(text, encoding="utf-8"))
+    with atomic_path(out) as tmp:
+        if _is_parquet(out):
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+    write_text_atomic(summary_path(out), json.dumps(summary, indent=2, sort_keys=False) + "\n")
     return summary
 
 

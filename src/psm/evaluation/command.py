@@ -265,9 +265,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_ceiling(args: argparse.Namespace) -> int:
+    from psm.atomic import write_text_atomic
     from psm.data.world import load_world
     from psm.evaluation.ceiling import format_ceilings, format_probes, model_probes, retrieval_ceilings
-    from psm.evaluation.report import write_text_atomic
 
     try:  # WorldError (not a world) and too-small splits are ValueErrors with a message naming the folder
         if args.out:

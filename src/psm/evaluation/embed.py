@@ -8,7 +8,6 @@ per (zoom, setting). ``psm embed`` writes the same embeddings to Parquet.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,18 +345,9 @@ def write_parquet_atomic(table: Any, path: str | Path) -> Path:
     """Write ``table`` to ``path`` via a temporary file in the same folder and a rename (never half-written)."""
     import pyarrow.parquet as pq
 
-    from psm.evaluation.report import temp_sibling
+    from psm.atomic import atomic_path
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_sibling(path)  # not mkstemp: its 0600 mode would become the output's
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

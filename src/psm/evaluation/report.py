@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
+from psm.atomic import write_text_atomic
 from psm.evaluation.retrieval import recall_key
 
 
@@ -107,36 +106,6 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def temp_sibling(path: Path) -> tuple[int, Path]:
-    """A new, exclusive temporary file next to ``path`` (fd, path), with the mode the umask gives any new file.
-
-    ``tempfile.mkstemp`` creates 0600 files, which the rename would hand on to the output.
-    """
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_sibling(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_metrics(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:

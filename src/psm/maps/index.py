@@ -67,7 +67,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -83,6 +82,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from psm.atomic import atomic_path, write_text_atomic
 from psm.data.errors import DataProblem, SkipLog
 from psm.data.imagery import ImageryError, prepare_eval_batch, prepare_image
 from psm.data.imagery_sources import ImagerySource, get_imagery_source
@@ -447,27 +447,6 @@ def index_progress(path: str | os.PathLike[str]) -> dict[int, tuple[int, int]]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _shareable(path: str | os.PathLike[str]) -> None:
-    """Give a mkstemp file (0600) the umask's permissions: other users and ranks of a shared index read it."""
-    from psm.maps.render import _UMASK
-
-    os.chmod(path, 0o666 & ~_UMASK)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _shareable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_points(grid: Grid, path: Path, chunk_size: int) -> None:
     """Stream the grid's points into a Parquet file (one row group per chunk), atomically."""
     import pyarrow as pa
@@ -482,23 +461,12 @@ def write_points(grid: Grid, path: Path, chunk_size: int) -> None:
             ("col", pa.int32()),
         ]
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for c in grid.iter_chunks(chunk_size):
-                writer.write_table(
-                    pa.table(
-                        [c.point_id, c.latitude, c.longitude, c.row, c.col],
-                        schema=schema,
-                    ),
-                    row_group_size=chunk_size,
-                )
-        _shareable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for c in grid.iter_chunks(chunk_size):
+            writer.write_table(
+                pa.table([c.point_id, c.latitude, c.longitude, c.row, c.col], schema=schema),
+                row_group_size=chunk_size,
+            )
 
 
 def _create_store(out: Path, meta: Mapping[str, Any], grid: Grid) -> None:
@@ -514,7 +482,7 @@ def _create_store(out: Path, meta: Mapping[str, Any], grid: Grid) -> None:
         group.create_array(f"valid_z{z}", shape=(n,), chunks=(c,), dtype="bool", fill_value=False)
         group.create_array(f"done_z{z}", shape=(math.ceil(n / c),), chunks=(1,), dtype="uint8", fill_value=0)
     group.attrs.update({"format": FORMAT})
-    _atomic_write_text(out / INDEX_JSON, json.dumps(meta, indent=1, sort_keys=False) + "\n")
+    write_text_atomic(out / INDEX_JSON, json.dumps(meta, indent=1, sort_keys=False) + "\n")
 
 
 def _wait_for_index(out: Path, timeout_s: float) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from psm.atomic import make_shared_dir, write_text_atomic
 from psm.data.metadata import CATEGORICAL_TYPES, Metadata, MetadataError, MetadataSpec
 
 log = logging.getLogger(__name__)
@@ -498,11 +498,8 @@ def condition(
         device = next(model.parameters()).device
     device = torch.device(device)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=root))
+    tmp = make_shared_dir(root, prefix=f".{digest}.")  # other users reuse the cache of a shared index
     try:
-        from psm.maps.render import _UMASK
-
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; other users reuse the cache of a shared index
         probabilistic, n_valid = _compute_conditioned(
             index, model, zoom, setting, valid, tmp, batch_size, device, precision, progress
         )
@@ -1106,12 +1103,7 @@ def read_scale_file(path: str | Path) -> Scale:
 
 def write_scale_file(scale: Scale, path: str | Path, raw_label: str = "-CSD") -> Path:
     """Write a shared-scale JSON file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(scale.to_json(raw_label), indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(scale.to_json(raw_label), indent=1))
 
 
 def resolve_scale(spec: ScaleSpec, values: np.ndarray | Sequence[np.ndarray], raw_label: str = "-CSD") -> Scale:

@@ -451,8 +451,8 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
 def _do_agreement(args: argparse.Namespace) -> int:
     import json
 
+    from psm.atomic import write_text_atomic
     from psm.data.world import load_world
-    from psm.evaluation.report import write_text_atomic
     from psm.maps.agreement import truth_agreement
     from psm.maps.query import default_zoom
 

@@ -20,13 +20,14 @@ import shutil
 import subprocess
 import tempfile
 import textwrap
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from psm.atomic import atomic_path as _atomic_path
 from psm.maps.query import GridSpec
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,6 @@ NODATA = float("nan")
 MERCATOR_MAX_LAT = 85.05112878  # Web Mercator's latitude limit
 _MERCATOR_HALF = math.pi * 6378137.0
 NODATA_COLOUR = "#d9d9d9"
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
 
 
 @dataclass
@@ -84,21 +76,10 @@ class MapOutputs:
 # --------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def atomic_path(path: str | Path, suffix: str = "") -> contextlib.AbstractContextManager[Path]:
+    """A temporary path next to ``path`` with its suffix (GDAL and matplotlib choose the format by it), renamed
+    onto ``path`` when the block succeeds (:func:`psm.atomic.atomic_path`)."""
+    return _atomic_path(path, suffix=suffix or Path(path).suffix)
 
 
 def points_to_raster(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, height: int, width: int) -> np.ndarray:

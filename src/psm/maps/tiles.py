@@ -35,7 +35,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 import urllib.error
@@ -48,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from psm.atomic import write_bytes_atomic
 from psm.data.errors import DataProblem
 
 WEB_MERCATOR_RADIUS_M = 6_378_137.0
@@ -252,15 +252,9 @@ class TileClient:
         if path is None:
             return
         target = path if data is not None else path.with_suffix(".missing")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data or b"")
-            os.replace(tmp, target)  # atomic: a reader sees the old state or the whole tile
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Atomic: a reader sees the old state or the whole tile. Not flushed to disk one by one (thousands of
+        # small files): a tile torn by a crash fails to decode and is fetched again.
+        write_bytes_atomic(target, data or b"", durable=False)
 
     # --- network ----------------------------------------------------------------------------------------
     def _download(self, z: int, x: int, y: int) -> tuple[np.ndarray | None, bytes | None]:

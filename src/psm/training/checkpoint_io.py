@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ import torch
 from lightning.pytorch.plugins.io import CheckpointIO
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from psm.atomic import atomic_path
 
 HEADER_KEY = "psm_training_state"
 FORMAT = "psm-training-state/1"
@@ -85,16 +86,8 @@ def save_training_state(checkpoint: dict[str, Any], path: str | os.PathLike[str]
     tree = _encode(checkpoint, tensors, path.parent.resolve(), "checkpoint")
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a job killed mid-write
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, HEADER_KEY: json.dumps(tree)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, HEADER_KEY: json.dumps(tree)})
 
 
 def load_training_state(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, Any]:
