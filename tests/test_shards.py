@@ -29,6 +29,7 @@ from psm.data.shards import (
     ShardDataset,
     ShardDecodeError,
     ShardDecoder,
+    ShardReadError,
     ShardRecord,
     ShardWriteError,
     iter_shard,
@@ -606,3 +607,23 @@ def test_validation_from_shards_draws_a_zoom_per_sample_the_same_way_each_time(p
         SatelliteView(TINY, train=False, input_size=16)
     with pytest.raises(ImageryError, match="needs each sample's generator"):
         view(np.zeros((64, 64, 3), dtype=np.uint8))
+
+
+def test_a_shard_cut_short_keeps_its_complete_samples_under_skip(tmp_path):
+    # A copy interrupted mid-file stopped a whole run at construction, even with on_error="skip".
+    recs = [make_record(i, "flac") for i in range(6)]
+    pack_records(recs, tmp_path, prefix="train", samples_per_shard=3)
+    cut = tmp_path / "train-000001.tar"
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # no longer what the index describes: counted by a header scan
+    with pytest.raises(ShardReadError):
+        ShardDataset(tmp_path, ShardDecoder(EVAL_VIEW), prefix="train", on_error="raise", even=None)
+    log_path = tmp_path / "logs" / "errors.jsonl"
+    ds = ShardDataset(
+        tmp_path, ShardDecoder(EVAL_VIEW), prefix="train", on_error="skip", error_log=log_path, even=None
+    )
+    keys = [s.key for s in ds]
+    assert keys[:3] == ["rec-000", "rec-001", "rec-002"] and 3 <= len(keys) < 6  # what precedes the cut
+    assert set(keys[3:]) <= {"rec-003", "rec-004"} and len(ds) == len(keys)
+    (entry,) = read_error_logs(log_path)
+    assert entry["shard"].endswith("train-000001.tar") and "before the damage are used" in entry["reason"]

@@ -781,6 +781,9 @@ class ShardDataset(IterableDataset):
         self.on_error = on_error
         self.error_log = Path(error_log) if error_log is not None else None
         self.max_open_files = max_open_files
+        self.errors: list[ShardError] = []
+        self.num_errors = 0
+        self.num_filled = 0
         if counts is not None:
             if len(counts) != len(self.paths):
                 raise ValueError(f"{len(counts)} counts for {len(self.paths)} shards")
@@ -788,15 +791,29 @@ class ShardDataset(IterableDataset):
         else:
             # Our index when it describes the file as it is now, else one header scan (done once, here).
             self.counts = [
-                c if c is not None else shard_sample_count(p)
+                c if c is not None else self._scan_count(p)
                 for p, c in zip(self.paths, _index_counts(self.paths), strict=True)
             ]
         self.num_samples = sum(self.counts)
-        self.errors: list[ShardError] = []
-        self.num_errors = 0
-        self.num_filled = 0
         if rank is not None or world_size is not None:
             self._dist()  # validate early
+
+    def _scan_count(self, path: Path) -> int:
+        """Samples of a shard by a header scan. Under ``skip`` a damaged shard (e.g. a copy cut short) keeps the
+        samples before the damage, which are complete (each is known only once the next one's header is read),
+        and the damage is recorded once (by rank 0), instead of stopping the whole run."""
+        count = 0
+        try:
+            for _ in _walk_samples(path):
+                count += 1
+        except ShardReadError as exc:
+            if self.on_error == "raise":
+                raise
+            rank, _ = self._dist()
+            if rank == 0:
+                reason = f"{exc}; the {count} sample(s) before the damage are used"
+                self._record(ShardError(str(path), None, reason, self.epoch, rank, 0))
+        return count
 
     # --- distribution ---------------------------------------------------------------------------------
     def _dist(self) -> tuple[int, int]:
