@@ -344,3 +344,15 @@ def test_cog_fallback_without_the_cog_driver(tmp_path, monkeypatch):
         assert ds.profile["tiled"] and ds.overviews(1) and np.isnan(ds.nodata)
         assert ds.crs.to_epsg() == 32633
     assert validate_cog(path, require_layout=False) == []
+
+
+def test_html_data_cannot_end_or_reopen_its_script_element(tmp_path):
+    # Only "</" was escaped: a basemap URL or legend text holding "<!--<script>" could break the page.
+    grid = GRIDS["EPSG:32633"]
+    tpl = "https://tiles.example.org/{z}/{x}/{y}.png?a=<!--<script>&b=</script>"
+    page = write_html(
+        sample_raster(grid), tmp_path / "m.html", grid=grid, legend=legend(), vmin=-3.4, vmax=-2.6, basemap=tpl
+    ).read_text()
+    raw = re.search(r'id="psm-data">(.*?)</script>', page, re.S).group(1)
+    assert "<" not in raw and ">" not in raw and "&" not in raw
+    assert json.loads(raw)["basemap"] == tpl

@@ -619,9 +619,7 @@ def test_a_shard_cut_short_keeps_its_complete_samples_under_skip(tmp_path):
     with pytest.raises(ShardReadError):
         ShardDataset(tmp_path, ShardDecoder(EVAL_VIEW), prefix="train", on_error="raise", even=None)
     log_path = tmp_path / "logs" / "errors.jsonl"
-    ds = ShardDataset(
-        tmp_path, ShardDecoder(EVAL_VIEW), prefix="train", on_error="skip", error_log=log_path, even=None
-    )
+    ds = ShardDataset(tmp_path, ShardDecoder(EVAL_VIEW), prefix="train", on_error="skip", error_log=log_path, even=None)
     keys = [s.key for s in ds]
     assert keys[:3] == ["rec-000", "rec-001", "rec-002"] and 3 <= len(keys) < 6  # what precedes the cut
     assert set(keys[3:]) <= {"rec-003", "rec-004"} and len(ds) == len(keys)

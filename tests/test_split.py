@@ -343,3 +343,14 @@ def test_write_split_elsewhere_keeps_the_file_paths_pointing_at_the_same_files(t
     assert back.loc[0, "image_sentinel2"] == "https://example.org/tile.png"
     write_split(src, tmp_path / "data" / "same.csv", seed=1)  # the same folder: verbatim
     assert pd.read_csv(tmp_path / "data" / "same.csv", dtype=str).audio_path.tolist() == df.audio_path.tolist()
+
+
+def test_a_manifest_without_rows_is_refused(tmp_path: Path) -> None:
+    # A header-only manifest gave an empty "split" and exit 0.
+    from psm.cli import main
+
+    (tmp_path / "m.csv").write_text("key,latitude,longitude\n")
+    with pytest.raises(ValueError, match="no rows to split"):
+        write_split(tmp_path / "m.csv", tmp_path / "o.csv")
+    assert main(["data", "split", str(tmp_path / "m.csv")]) == 2
+    assert not (tmp_path / "o.csv").exists()

@@ -482,6 +482,8 @@ def write_split(
         df = pd.read_parquet(src)
     else:
         df = pd.read_csv(src, dtype=str, keep_default_na=False, na_filter=False)
+    if df.empty:
+        raise ValueError(f"{src}: no rows to split")
     result = geographic_split(df, **kwargs)
     df = df.assign(split=result.labels, split_cell=result.cells)
     summary = {"manifest": str(src), "output": str(out), **result.summary}

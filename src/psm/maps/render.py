@@ -595,7 +595,9 @@ def write_html(
         "maxzoom": int(basemap_maxzoom),
         "opacity": float(opacity),
     }
-    payload = json.dumps(data).replace("</", "<\\/")
+    # Inside <script>, "<!--" and "<script" change how the browser finds the element's end, not only "</":
+    # every <, > and & becomes a JSON escape (the same strings once parsed).
+    payload = json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     w, s, e, n = wgs
     notes = "".join(f"<p class='small'>{html.escape(t)}</p>" for t in legend.notes)
     base_note = (
