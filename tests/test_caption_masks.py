@@ -5,7 +5,6 @@ batches trained without text), and under DDP a rank whose batch had text and a r
 different collectives and hung.
 """
 
-import socket
 import time
 
 import pytest
@@ -18,6 +17,7 @@ from psm.data.batch import Sample, collate_samples
 from psm.data.metadata import MetadataSpec
 from psm.data.text import build_bpe_tokenizer
 from psm.losses import MODALITIES, TriModalLoss
+from test_losses_distributed import _free_port
 
 B, D = 6, 8
 f64 = torch.float64
@@ -146,10 +146,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_global_mode_with_missing_captions_equals_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=False)
+    ranks = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 120
     while not ranks.join(timeout=1):  # mismatched collectives hang: fail instead of waiting forever
         if time.monotonic() > deadline:

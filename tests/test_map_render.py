@@ -161,12 +161,17 @@ def test_html_is_self_contained_with_legend(tmp_path):
     assert f"{south:.5f}" in page and f"{east:.5f}" in page
 
 
+def _page_with_basemap(tmp_path, basemap: str) -> str:
+    grid = GRIDS["EPSG:32633"]
+    path = write_html(sample_raster(grid), tmp_path / "m.html", grid=grid, legend=legend(), vmin=-3.4, vmax=-2.6,
+                      basemap=basemap)  # fmt: skip
+    return path.read_text()
+
+
 def test_html_basemap_is_the_only_url(tmp_path):
     grid = GRIDS["EPSG:32633"]
     tpl = "https://tiles.example.org/{z}/{x}/{y}.png"
-    page = write_html(
-        sample_raster(grid), tmp_path / "m.html", grid=grid, legend=legend(), vmin=-3.4, vmax=-2.6, basemap=tpl
-    ).read_text()
+    page = _page_with_basemap(tmp_path, tpl)
     assert {m.group(0) for m in re.finditer(r"https?://[^\s\"'<]+", page)} == {tpl}
     with pytest.raises(ValueError, match="XYZ URL template"):
         write_html(sample_raster(grid), tmp_path / "x.html", grid=grid, legend=legend(), vmin=0, vmax=1, basemap="x")
@@ -348,11 +353,8 @@ def test_cog_fallback_without_the_cog_driver(tmp_path, monkeypatch):
 
 def test_html_data_cannot_end_or_reopen_its_script_element(tmp_path):
     # Only "</" was escaped: a basemap URL or legend text holding "<!--<script>" could break the page.
-    grid = GRIDS["EPSG:32633"]
     tpl = "https://tiles.example.org/{z}/{x}/{y}.png?a=<!--<script>&b=</script>"
-    page = write_html(
-        sample_raster(grid), tmp_path / "m.html", grid=grid, legend=legend(), vmin=-3.4, vmax=-2.6, basemap=tpl
-    ).read_text()
+    page = _page_with_basemap(tmp_path, tpl)
     raw = re.search(r'id="psm-data">(.*?)</script>', page, re.S).group(1)
     assert "<" not in raw and ">" not in raw and "&" not in raw
     assert json.loads(raw)["basemap"] == tpl

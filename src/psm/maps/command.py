@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from psm.cli import non_negative_int, positive_float, positive_int
+from psm.arguments import non_negative_int, positive_float, positive_int
 from psm.data.imagery_sources import add_raster_arguments
 
 

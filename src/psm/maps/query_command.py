@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from psm.cli import positive_int
+from psm.arguments import positive_int
 
 TOKENIZER_DIR = "tokenizer"  # where training saves the tokenizer inside a checkpoint folder
 

@@ -20,7 +20,8 @@ from torch import Tensor
 from psm.data.audio import clap_fusion_features
 from psm.data.batch import Batch
 from psm.data.imagery_sources import get_imagery_source
-from psm.losses import TriModalLoss, calibrated_shift
+from psm.losses import TriModalLoss, all_gather_with_grad, calibrated_shift
+from psm.losses.distributed import gather_sizes
 from psm.models.checkpoint import load_checkpoint
 from psm.models.factory import create_model
 from psm.models.heads import GaussianEmbedding
@@ -167,7 +168,8 @@ class PSMTrainingModule(L.LightningModule):
         scalars = {k[len("loss.") :]: v for k, v in extra.items() if k.startswith("loss.")}
         if not scalars:
             return False
-        if set(scalars) != set(self.loss_fn.state_dict()):
+        own = self.loss_fn.state_dict()
+        if set(scalars) != set(own):
             log.warning(
                 "%s: its loss scalars (%s) are not those of loss %r; they start from their initial values",
                 source,
@@ -175,7 +177,7 @@ class PSMTrainingModule(L.LightningModule):
                 self.hparams.loss,
             )
             return False
-        own = self.loss_fn.state_dict()  # a scalar may be stored as shape () or (1,): same value
+        # A scalar may be stored as shape () or (1,): the same value.
         self.loss_fn.load_state_dict(
             {k: v.reshape(own[k].shape) if v.numel() == own[k].numel() else v for k, v in scalars.items()}
         )
@@ -330,16 +332,9 @@ class PSMTrainingModule(L.LightningModule):
         return (*means, "image_logvar", "audio_logvar") if self.model.config.probabilistic else means
 
     def _gather_uneven(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
-        """All-gather tensors whose first dimension differs by rank (pad, gather, drop the padding)."""
-        n = next(iter(local.values())).shape[0]
-        counts = self.all_gather(torch.tensor(n, device=self.device)).flatten().tolist()
-        top = max(counts)
-        out = {}
-        for key, value in local.items():
-            padded = torch.cat([value, value.new_zeros(top - n, *value.shape[1:])])
-            gathered = self.all_gather(padded)  # (world, top, ...)
-            out[key] = torch.cat([gathered[r, :c] for r, c in enumerate(counts)])
-        return out
+        """All-gather tensors whose first dimension differs by rank (the loss's gather: padded, then unpadded)."""
+        sizes = gather_sizes(next(iter(local.values())).shape[0])
+        return {key: all_gather_with_grad(value, sizes) for key, value in local.items()}
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

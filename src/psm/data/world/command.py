@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from psm.cli import positive_int
+from psm.arguments import positive_int
 
 
 def _centre(text: str) -> tuple[float, float]:
